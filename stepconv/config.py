@@ -1,0 +1,273 @@
+"""The Step-3.5-Flash config.json, the geometry derived from it, and Megatron's args for it.
+
+Everything a conversion needs to know about the model comes from here, so that per-layer
+facts (64 vs 96 heads, MoE vs dense, MTP) are computed in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+class StepconvError(Exception):
+    """A user-facing error: one line, names what is wrong and what would be valid."""
+
+
+MODEL_TYPE = "step3p5"
+DEFAULT_EPS = 1e-5
+DEFAULT_VOCAB_DIVISOR = 128
+
+
+@dataclass(frozen=True)
+class AttnShape:
+    heads: int
+    groups: int
+    head_dim: int
+
+    @property
+    def q_rows(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_rows(self) -> int:
+        return self.groups * self.head_dim
+
+
+@dataclass(frozen=True)
+class Step35Config:
+    raw: dict = field(repr=False)
+
+    # --- construction -------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, raw: dict, source: str = "config.json") -> "Step35Config":
+        mt = raw.get("model_type")
+        if mt != MODEL_TYPE:
+            raise StepconvError(f"{source}: model_type is {mt!r}; stepconv converts Step-3.5-Flash (model_type {MODEL_TYPE!r})")
+        required = ["hidden_size", "num_hidden_layers", "vocab_size", "num_attention_heads", "num_attention_groups",
+                    "head_dim", "intermediate_size", "layer_types"]
+        missing = [k for k in required if k not in raw]
+        if missing:
+            raise StepconvError(f"{source}: missing required field(s) {', '.join(missing)}")
+        cfg = cls(raw=raw)
+        n = cfg.num_layers + cfg.num_mtp
+        for key in ("layer_types", "rope_theta", "partial_rotary_factors", "swiglu_limits", "swiglu_limits_shared"):
+            v = raw.get(key)
+            if isinstance(v, list) and len(v) < n:
+                raise StepconvError(f"{source}: {key} has {len(v)} entries; expected {n} "
+                                    f"(num_hidden_layers {cfg.num_layers} + num_nextn_predict_layers {cfg.num_mtp})")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "Step35Config":
+        path = Path(path)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise StepconvError(f"{path}: not found; expected a Step-3.5-Flash config.json") from None
+        except json.JSONDecodeError as e:
+            raise StepconvError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(raw, dict):
+            raise StepconvError(f"{path}: expected a JSON object")
+        return cls.from_dict(raw, source=str(path))
+
+    # --- scalar geometry ----------------------------------------------------------------
+    @property
+    def hidden(self) -> int:
+        return int(self.raw["hidden_size"])
+
+    @property
+    def vocab(self) -> int:
+        return int(self.raw["vocab_size"])
+
+    @property
+    def num_layers(self) -> int:
+        return int(self.raw["num_hidden_layers"])
+
+    @property
+    def num_mtp(self) -> int:
+        return int(self.raw.get("num_nextn_predict_layers", 0) or 0)
+
+    @property
+    def ffn(self) -> int:
+        return int(self.raw["intermediate_size"])
+
+    @property
+    def num_experts(self) -> int:
+        return int(self.raw.get("moe_num_experts", 0) or 0)
+
+    @property
+    def moe_ffn(self) -> int:
+        return int(self.raw.get("moe_intermediate_size", 0) or 0)
+
+    @property
+    def shared_ffn(self) -> int:
+        return int(self.raw.get("share_expert_dim", 0) or 0)
+
+    @property
+    def eps(self) -> float:
+        return float(self.raw.get("rms_norm_eps", DEFAULT_EPS))
+
+    @property
+    def tied(self) -> bool:
+        return bool(self.raw.get("tie_word_embeddings", False))
+
+    @property
+    def moe_layers(self) -> frozenset[int]:
+        enum = self.raw.get("moe_layers_enum")
+        if enum is None:
+            if not self.raw.get("use_moe", False):
+                return frozenset()
+            return frozenset(range(1, self.num_layers))  # HF remote code's fallback
+        if isinstance(enum, str):
+            return frozenset(int(x) for x in enum.split(",") if x.strip())
+        return frozenset(int(x) for x in enum)
+
+    # --- per-layer geometry (index i: 0..L-1 main, L..L+M-1 MTP) --------------------------
+    def layer_type(self, i: int) -> str:
+        return self.raw["layer_types"][i]
+
+    def attn(self, i: int) -> AttnShape:
+        other = self.raw.get("attention_other_setting") or {}
+        if other and self.layer_type(i) == other.get("attention_type"):
+            return AttnShape(int(other["num_attention_heads"]), int(other["num_attention_groups"]), int(other["head_dim"]))
+        return AttnShape(int(self.raw["num_attention_heads"]), int(self.raw["num_attention_groups"]),
+                         int(self.raw["head_dim"]))
+
+    def is_moe(self, i: int) -> bool:
+        return i < self.num_layers and i in self.moe_layers
+
+    def attn_shapes(self) -> set[AttnShape]:
+        return {self.attn(i) for i in range(self.num_layers + self.num_mtp)}
+
+    # --- parallel layout -------------------------------------------------------------------
+    def padded_vocab(self, tp: int, divisor: int = DEFAULT_VOCAB_DIVISOR) -> int:
+        m = divisor * tp
+        return -(-self.vocab // m) * m
+
+    def validate_parallel(self, tp: int, pp: int, ep: int) -> None:
+        """Reject layouts Megatron (with the fused head-wise gate) cannot express, listing valid values."""
+        for name, v in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
+            if v < 1:
+                raise StepconvError(f"{name} must be >= 1, got {v}")
+        shapes = sorted(self.attn_shapes(), key=lambda s: (s.heads, s.groups))
+        heads = sorted({s.heads for s in shapes})
+        groups = sorted({s.groups for s in shapes})
+        ok_tp = [t for t in range(1, max(groups) + 1)
+                 if all(g % t == 0 for g in groups) and all(h % t == 0 for h in heads)]
+        if tp not in ok_tp:
+            what = " and ".join([f"{'/'.join(map(str, groups))} query groups", f"{'/'.join(map(str, heads))} heads"])
+            raise StepconvError(f"--tp must divide {what} (the head-wise gate needs query groups >= TP): "
+                                f"valid values {', '.join(map(str, ok_tp))}; got {tp}")
+        ffns = [self.ffn] + ([self.moe_ffn, self.shared_ffn] if self.moe_layers else [])
+        for f in ffns:
+            if f and f % tp:
+                raise StepconvError(f"--tp {tp} must divide the FFN width {f}")
+        ok_pp = [p for p in range(1, self.num_layers + 1) if self.num_layers % p == 0]
+        if pp not in ok_pp:
+            raise StepconvError(f"--pp must divide {self.num_layers} layers: valid values {', '.join(map(str, ok_pp))}; got {pp}")
+        if self.moe_layers:
+            ok_ep = [e for e in range(1, self.num_experts + 1) if self.num_experts % e == 0]
+            if ep not in ok_ep:
+                raise StepconvError(f"--ep must divide {self.num_experts} experts: valid values "
+                                    f"{', '.join(map(str, ok_ep))}; got {ep}")
+        elif ep != 1:
+            raise StepconvError(f"--ep must be 1 for a model without MoE layers; got {ep}")
+
+    # --- Megatron args ---------------------------------------------------------------------
+    def megatron_args(self, *, tp: int, pp: int, ep: int, params_dtype: torch.dtype, spec: str,
+                      window_convention: str = "hf", extra: dict[str, Any] | None = None) -> argparse.Namespace:
+        """argparse.Namespace with Megatron-LM's own names, plus step35_* fields for what Megatron lacks."""
+        base = self.attn(0) if self.layer_type(0) == "full_attention" else self.attn_full()
+        full_i = next((i for i in range(self.num_layers) if self.layer_type(i) == "full_attention"), 0)
+        window = self.raw.get("sliding_window")
+        has_sliding = any(self.layer_type(i) == "sliding_attention" for i in range(self.num_layers + self.num_mtp))
+        rope_scaling = self.raw.get("rope_scaling") or {}
+        ns = argparse.Namespace(
+            # model geometry
+            num_layers=self.num_layers,
+            hidden_size=self.hidden,
+            ffn_hidden_size=self.ffn,
+            num_attention_heads=base.heads,
+            num_query_groups=base.groups,
+            group_query_attention=base.groups != base.heads,
+            kv_channels=base.head_dim,
+            max_position_embeddings=int(self.raw.get("max_position_embeddings", 4096)),
+            seq_length=int(self.raw.get("max_position_embeddings", 4096)),
+            position_embedding_type="rope",
+            rotary_base=float(_per_layer(self.raw.get("rope_theta", 10000.0), full_i)),
+            rotary_percent=float(_per_layer(self.raw.get("partial_rotary_factors", 1.0), full_i)),
+            rotary_interleaved=False,
+            use_rope_scaling=rope_scaling.get("rope_type") == "llama3",
+            rope_scaling_factor=float(rope_scaling.get("factor", 1.0)),
+            normalization="RMSNorm",
+            norm_epsilon=self.eps,
+            apply_layernorm_1p=bool(self.raw.get("zero_centered", True)),
+            qk_layernorm=bool(self.raw.get("use_qk_norm", True)),
+            swiglu=True,
+            untie_embeddings_and_output_weights=not self.tied,
+            add_bias_linear=False,
+            add_qkv_bias=False,
+            attention_dropout=0.0,
+            hidden_dropout=0.0,
+            head_wise_attn_gate=bool(self.raw.get("use_head_wise_attn_gate", True)),
+            window_size=None if not (window and has_sliding) else
+            ((int(window) - 1, 0) if window_convention == "hf" else (int(window), 0)),
+            # vocab
+            vocab_size=self.vocab,
+            padded_vocab_size=self.padded_vocab(tp),
+            make_vocab_size_divisible_by=DEFAULT_VOCAB_DIVISOR,
+            # MoE
+            num_experts=self.num_experts or None,
+            moe_router_topk=int(self.raw.get("moe_top_k", 1)),
+            moe_ffn_hidden_size=self.moe_ffn or None,
+            moe_shared_expert_intermediate_size=self.shared_ffn or None,
+            moe_layer_freq=[1 if self.is_moe(i) else 0 for i in range(self.num_layers)],
+            moe_router_score_function=str(self.raw.get("moe_router_activation", "softmax")),
+            moe_router_enable_expert_bias=bool(self.raw.get("use_moe_router_bias", False)),
+            moe_router_topk_scaling_factor=float(self.raw.get("moe_router_scaling_factor", 1.0)),
+            moe_router_dtype="fp32" if self.raw.get("need_fp32_gate", False) else None,
+            moe_router_load_balancing_type="none",
+            moe_grouped_gemm=spec == "te",
+            moe_token_dispatcher_type="alltoall",
+            mtp_num_layers=self.num_mtp or None,
+            # parallelism and precision
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            expert_tensor_parallel_size=tp,
+            sequence_parallel=False,
+            transformer_impl="transformer_engine" if spec == "te" else "local",
+            params_dtype=params_dtype,
+            bf16=params_dtype == torch.bfloat16,
+            fp16=params_dtype == torch.float16,
+            ckpt_format="torch",
+            use_dist_ckpt=False,
+            # Step-3.5 facts Megatron-LM has no argument for
+            step35_config=self.raw,
+            step35_window_convention=window_convention,
+            step35_sliding_window=window,
+        )
+        for k, v in (extra or {}).items():
+            setattr(ns, k, v)
+        return ns
+
+    def attn_full(self) -> AttnShape:
+        return AttnShape(int(self.raw["num_attention_heads"]), int(self.raw["num_attention_groups"]),
+                         int(self.raw["head_dim"]))
+
+
+def _per_layer(v: Any, i: int) -> Any:
+    return v[i] if isinstance(v, list) else v
+
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch.float16, "F64": torch.float64,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}

@@ -1,0 +1,417 @@
+"""HF <-> Megatron conversions: walk the plan, stream tensors, audit, publish atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import torch
+
+from . import __version__, layout as L
+from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError
+from .hf_io import (HFCheckpoint, SafetensorsWriter, TensorInfo, copy_files, parse_size, plan_shards, shard_name,
+                    write_index, _names)
+from .mapping import MTP_BLOCK, MTP_BLOCK_ALIASES, Entry, Layout, hf_shapes, hf_sources, plan, rank_keys
+from .megatron_io import (RANK_FILE, RankFileWriter, iteration_dir_name, load_rank_file, rank_dir_name, read_tracker,
+                          release_pages, write_tracker)
+
+SIDECAR = "stepconv"
+MTP_HEADS = "mtp_heads.safetensors"
+Progress = Callable[[int, str], None]
+
+
+@dataclass
+class Summary:
+    direction: str
+    source: Path
+    output: Path
+    layout: Layout
+    spec: str
+    files: int = 0
+    tensors: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        rate = self.bytes_written / self.seconds / 1e6 if self.seconds else 0.0
+        out = [
+            f"{self.direction}: {self.source} -> {self.output}",
+            f"  layout   {self.layout} ({self.layout.tp * self.layout.pp * self.layout.ep} rank files), spec {self.spec}",
+            f"  wrote    {self.files} files, {self.tensors} tensors, {_gb(self.bytes_written)}"
+            f" (read {_gb(self.bytes_read)}) in {self.seconds:.1f} s ({rate:.0f} MB/s)",
+        ]
+        out += [f"  note     {n}" for n in self.notes]
+        return out
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.2f} MB"
+
+
+@contextmanager
+def staging(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Build in `<out>.partial`, rename into place only when complete."""
+    if out.exists() and not overwrite:
+        raise StepconvError(f"{out}: already exists; pass --overwrite to replace it or -o to choose another folder")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+def _check_distinct(src: Path, out: Path) -> None:
+    s, o = src.resolve(), out.resolve()
+    if s == o or s in o.parents or o in s.parents:
+        raise StepconvError(f"output {out} must not be the input folder {src} or inside it")
+
+
+# --- HF -> Megatron --------------------------------------------------------------------------
+def check_hf_tensors(ckpt: HFCheckpoint) -> None:
+    """Every tensor the config implies, nothing else, each with the right shape and a float dtype."""
+    want = hf_shapes(ckpt.config)
+    have = ckpt.tensors
+    missing = [n for n in want if n not in have]
+    unexpected = sorted(n for n in have if n not in want)
+    if missing:
+        raise StepconvError(f"{ckpt.path}: {len(missing)} tensor(s) missing for this config: {_names(missing)}")
+    if unexpected:
+        raise StepconvError(f"{ckpt.path}: {len(unexpected)} unexpected tensor(s) not in the Step-3.5 layout for this "
+                            f"config: {_names(unexpected)}")
+    bad = [f"{n} {list(have[n].shape)} (expected {list(s)})" for n, s in want.items() if tuple(have[n].shape) != s]
+    if bad:
+        raise StepconvError(f"{ckpt.path}: {len(bad)} tensor(s) with wrong shape: {_names(bad, 4)}")
+    nonfloat = [n for n in want if not have[n].dtype.is_floating_point]
+    if nonfloat:
+        raise StepconvError(f"{ckpt.path}: non-float tensor(s) {_names(nonfloat)}; expected bf16/fp16/fp32 weights")
+
+
+def split_entry(entry: Entry, srcs: Sequence[L.Sliceable], tp: int, rank: int, padded_vocab: int) -> torch.Tensor:
+    k = entry.kind
+    if k == "replicate":
+        return L.replicate_split(srcs[0], tp, rank)
+    if k == "column":
+        return L.column_split(srcs[0], tp, rank)
+    if k in ("row", "expert_fc2"):
+        return L.row_split(srcs[0], tp, rank)
+    if k == "vocab":
+        return L.vocab_split(srcs[0], tp, rank, padded_vocab)
+    if k in ("swiglu", "expert_fc1"):
+        return L.swiglu_split(srcs[0], srcs[1], tp, rank)
+    if k == "qkvg":
+        return L.qkvg_split(*srcs, entry.attn, tp, rank)
+    raise StepconvError(f"internal: no split for kind {k}")
+
+
+def merge_entry(entry: Entry, shards: Sequence[torch.Tensor], vocab: int) -> tuple[torch.Tensor, ...]:
+    k = entry.kind
+    if k == "replicate":
+        for r, s in enumerate(shards[1:], 1):
+            if not torch.equal(s, shards[0]):
+                raise StepconvError(f"{entry.key}: replicated tensor differs between TP rank 0 and TP rank {r}")
+        return (L.replicate_merge(shards),)
+    if k == "column":
+        return (L.column_merge(shards),)
+    if k in ("row", "expert_fc2"):
+        return (L.row_merge(shards),)
+    if k == "vocab":
+        return (L.vocab_merge(shards, vocab),)
+    if k in ("swiglu", "expert_fc1"):
+        return L.swiglu_merge(shards)
+    if k == "qkvg":
+        return L.qkvg_merge(shards, entry.attn)
+    raise StepconvError(f"internal: no merge for kind {k}")
+
+
+def _read_sources(ckpt: HFCheckpoint, entry: Entry) -> list[torch.Tensor]:
+    if entry.expert is not None:
+        return [ckpt.lazy(h)[entry.expert:entry.expert + 1][0] for h in entry.hf]
+    return [ckpt.lazy(h)[:] for h in entry.hf]
+
+
+def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, tp: int = 1, pp: int = 1,
+                ep: int = 1, spec: str = "te", dtype: str = "keep", overwrite: bool = False,
+                window_convention: str = "hf", progress: Progress | None = None) -> Summary:
+    t0 = time.time()
+    ckpt = HFCheckpoint(hf_dir)
+    cfg = ckpt.config
+    if dtype != "keep" and dtype not in DTYPES:
+        raise StepconvError(f"--dtype must be keep, bf16 or fp32; got {dtype!r}")
+    if window_convention not in ("hf", "megatron"):
+        raise StepconvError(f"window convention must be hf or megatron; got {window_convention!r}")
+    cfg.validate_parallel(tp, pp, ep)
+    check_hf_tensors(ckpt)
+    lay = Layout(tp, pp, ep)
+    entries = plan(cfg, lay, spec)
+    expected = rank_keys(entries, lay)
+    out = Path(out_dir) if out_dir else ckpt.path.with_name(ckpt.path.name + "-mcore")
+    _check_distinct(ckpt.path, out)
+
+    target = DTYPES.get(dtype)
+    torch_dtype = SAFETENSORS_DTYPES.get({"bfloat16": "BF16", "float32": "F32", "float16": "F16"}.get(
+        str(cfg.raw.get("torch_dtype", "bfloat16")), "BF16"))
+    params_dtype = target or torch_dtype
+    source_dtypes = {n: DTYPE_NAMES[i.dtype] for n, i in ckpt.tensors.items()}
+    meta = {"version": __version__, "spec": spec, "dtype": dtype, "source_dtypes": source_dtypes,
+            "iteration": "release", "mtp_heads": MTP_HEADS if cfg.num_mtp else None,
+            "sliding_window_convention": window_convention}
+    args = cfg.megatron_args(tp=tp, pp=pp, ep=ep, params_dtype=params_dtype, spec=spec,
+                             window_convention=window_convention, extra={"stepconv": meta})
+    padded = cfg.padded_vocab(tp)
+    summary = Summary("hf-to-mcore", ckpt.path, out, lay, spec)
+    consumed: Counter = Counter()
+
+    with staging(out, overwrite) as tmp:
+        side = [e for e in entries if e.kind == "sidecar"]
+        heads = None
+        if side:
+            infos = [TensorInfo(e.hf[0], MTP_HEADS, ckpt.tensors[e.hf[0]].dtype, ckpt.tensors[e.hf[0]].shape)
+                     for e in side]
+            (tmp / SIDECAR).mkdir()
+            heads = SafetensorsWriter(tmp / SIDECAR / MTP_HEADS, infos)
+        for stage in range(pp):
+            writers = {(t, p): RankFileWriter(tmp / "release" / rank_dir_name(t, stage, p, pp, ep) / RANK_FILE)
+                       for p in range(ep) for t in range(tp)}
+            for entry in (e for e in entries if e.pp == stage):
+                eps = range(ep) if entry.ep is None else (entry.ep,)
+                if entry.kind == "extra":
+                    for p in eps:
+                        for t in range(tp):
+                            writers[(t, p)].add(entry.key, None)
+                    continue
+                srcs = _read_sources(ckpt, entry)
+                consumed.update(entry.hf)
+                if entry.kind == "sidecar":
+                    heads.write(entry.hf[0], 0, srcs[0])
+                    continue
+                for t in range(tp):
+                    shard = split_entry(entry, srcs, tp, t, padded)
+                    if entry.key.endswith("expert_bias"):
+                        shard = shard.float()  # megatron keeps the router expert bias in fp32
+                    elif target is not None:
+                        shard = shard.to(target)
+                    for p in eps:
+                        writers[(t, p)].add(entry.key, shard)
+                if progress:
+                    progress(sum(s.numel() * s.element_size() for s in srcs), entry.key)
+            for (t, p), w in writers.items():
+                want = expected[(t, stage, p)]
+                if list(w.model) != want:
+                    missing = [k for k in want if k not in w.model]
+                    raise StepconvError(f"internal audit: {w.path} is missing {_names(missing)}")
+                w.finish(args)
+                summary.bytes_written += w.bytes_written
+                summary.tensors += sum(v is not None for v in w.model.values())
+        if heads is not None:
+            incomplete = heads.close()
+            if incomplete:
+                raise StepconvError(f"internal audit: MTP heads not fully written: {_names(incomplete)}")
+            summary.bytes_written += heads.bytes_written
+            summary.notes.append(f"{len(side)} MTP shared_head.output tensor(s) have no Megatron slot (MTP shares "
+                                 f"output_layer); kept bit-exact in {SIDECAR}/{MTP_HEADS} for mcore-to-hf")
+        want_reads = hf_sources(entries)
+        if consumed != want_reads or set(consumed) != set(ckpt.tensors):
+            wrong = sorted(n for n in set(want_reads) | set(ckpt.tensors) if consumed[n] != want_reads[n])
+            raise StepconvError(f"audit failed, not publishing: source tensors not consumed as planned: {_names(wrong)}")
+        write_tracker(tmp, "release")
+        copy_files(ckpt.extra_files(), tmp / SIDECAR / "hf_files")
+        (tmp / SIDECAR / "config.json").write_text(json.dumps(cfg.raw, indent=2) + "\n")
+        manifest = {"stepconv": __version__, "layout": {"tp": tp, "pp": pp, "ep": ep}, "spec": spec,
+                    "padded_vocab_size": padded, "rank_files": {rank_dir_name(t, p, e, pp, ep): len(expected[(t, p, e)])
+                                                                for (t, p, e) in lay.ranks()}}
+        (tmp / SIDECAR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        summary.files = tp * pp * ep + (1 if heads else 0)
+    summary.bytes_read = ckpt.bytes_read
+    summary.seconds = time.time() - t0
+    if padded != cfg.vocab:
+        summary.notes.append(f"vocab {cfg.vocab} padded to {padded} (make_vocab_size_divisible_by 128 x TP {tp})")
+    return summary
+
+
+# --- Megatron -> HF --------------------------------------------------------------------------
+def _detect_spec(keys: Sequence[str]) -> str:
+    return "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in keys) else "local"
+
+
+def _detect_mtp_block(keys: Sequence[str]) -> str:
+    for alias in MTP_BLOCK_ALIASES:
+        if any(f".{alias}." in k for k in keys):
+            return alias
+    return MTP_BLOCK
+
+
+def _args_layout(args, path: Path) -> Layout:
+    try:
+        return Layout(int(args.tensor_model_parallel_size), int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
+                      int(getattr(args, "expert_model_parallel_size", 1) or 1))
+    except (AttributeError, TypeError, ValueError):
+        raise StepconvError(f"{path}: args lack tensor_model_parallel_size; not a Megatron checkpoint") from None
+
+
+def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
+                iteration: str | int | None = None, hf_config: str | os.PathLike | None = None,
+                max_shard_size: str = "5GB", overwrite: bool = False,
+                progress: Progress | None = None) -> Summary:
+    t0 = time.time()
+    root = Path(mcore_dir)
+    if not root.is_dir():
+        raise StepconvError(f"{root}: not a directory; expected a Megatron checkpoint folder")
+    it = str(iteration) if iteration is not None else read_tracker(root)
+    itdir = root / iteration_dir_name(it if it == "release" else int(it))
+    if not itdir.is_dir():
+        raise StepconvError(f"{itdir}: iteration folder not found (available: "
+                            f"{', '.join(p.name for p in root.iterdir() if p.is_dir()) or 'none'})")
+    rank_dirs = sorted(p.name for p in itdir.iterdir() if p.name.startswith("mp_rank_"))
+    if not rank_dirs:
+        raise StepconvError(f"{itdir}: no mp_rank_* folders; expected a legacy (--ckpt-format torch) checkpoint")
+    first = load_rank_file(itdir / rank_dirs[0] / RANK_FILE)
+    args = first.get("args")
+    lay = _args_layout(args, itdir / rank_dirs[0] / RANK_FILE)
+    tp, pp, ep = lay.tp, lay.pp, lay.ep
+    want_dirs = [rank_dir_name(t, p, e, pp, ep) for (t, p, e) in lay.ranks()]
+    missing = [d for d in want_dirs if not (itdir / d / RANK_FILE).exists()]
+    if missing:
+        raise StepconvError(f"{itdir}: {len(missing)} rank file(s) missing for {lay}: {_names(missing)}")
+    extra = sorted(set(rank_dirs) - set(want_dirs))
+    if extra:
+        raise StepconvError(f"{itdir}: unexpected rank folder(s) for {lay} (from args): {_names(extra)}")
+
+    if hf_config is not None:
+        cfg = Step35Config.from_file(hf_config)
+    elif isinstance(getattr(args, "step35_config", None), dict):
+        cfg = Step35Config.from_dict(args.step35_config, source=f"{itdir}: args.step35_config")
+    else:
+        raise StepconvError(f"{itdir}: args carry no Step-3.5 config (not written by stepconv); "
+                            f"pass --hf-config path/to/config.json")
+    meta = getattr(args, "stepconv", None) or {}
+    cfg.validate_parallel(tp, pp, ep)
+    keys0 = list(first["model"])
+    spec = _detect_spec(keys0)
+    last_keys = keys0 if pp == 1 else list(load_rank_file(itdir / rank_dir_name(0, pp - 1, 0, pp, ep) / RANK_FILE)["model"])
+    mtp_block = _detect_mtp_block(last_keys)
+    entries = plan(cfg, lay, spec, mtp_block)
+    expected = rank_keys(entries, lay)
+    out = Path(out_dir) if out_dir else root.with_name(root.name + "-hf")
+    _check_distinct(root, out)
+    max_bytes = parse_size(max_shard_size)
+
+    # output tensors, in HF order, with their original dtypes
+    src_dtypes = meta.get("source_dtypes") or {}
+    default = SAFETENSORS_DTYPES.get({"bfloat16": "BF16", "float32": "F32", "float16": "F16"}.get(
+        str(cfg.raw.get("torch_dtype", "bfloat16")), "BF16"))
+    infos = []
+    for name, shape in hf_shapes(cfg).items():
+        if name in src_dtypes:
+            dt = SAFETENSORS_DTYPES[src_dtypes[name]]
+        else:
+            dt = torch.float32 if name.endswith("router_bias") else default
+        infos.append(TensorInfo(name, "", dt, shape))
+    shards = plan_shards(infos, max_bytes)
+    head_names = [e.hf[0] for e in entries if e.kind == "sidecar"]
+    sidecar_file = root / SIDECAR / MTP_HEADS
+    use_sidecar = bool(head_names) and sidecar_file.exists() and str(meta.get("iteration")) == it
+    summary = Summary("mcore-to-hf", root, out, lay, spec)
+    v = cfg.vocab
+
+    with staging(out, overwrite) as tmp:
+        writers: dict[str, SafetensorsWriter] = {}
+        files = []
+        for k, shard in enumerate(shards):
+            w = SafetensorsWriter(tmp / shard_name(k, len(shards)), shard)
+            files.append(w)
+            for t in shard:
+                writers[t.name] = w
+        info = {i.name: i for i in infos}
+
+        def put(name: str, tensor: torch.Tensor, index: int | None = None) -> None:
+            tensor = tensor.to(info[name].dtype)
+            off = 0 if index is None else index * tensor.numel() * tensor.element_size()
+            writers[name].write(name, off, tensor)
+
+        for stage in range(pp):
+            models = {}
+            for p in range(ep):
+                for t in range(tp):
+                    path = itdir / rank_dir_name(t, stage, p, pp, ep) / RANK_FILE
+                    m = first["model"] if (t, stage, p) == (0, 0, 0) else load_rank_file(path)["model"]
+                    want = expected[(t, stage, p)]
+                    if set(m) != set(want):
+                        miss = [k for k in want if k not in m]
+                        unexp = sorted(k for k in m if k not in set(want))
+                        raise StepconvError(f"{path}: keys do not match {lay} spec {spec}: "
+                                            + (f"missing {_names(miss)}" if miss else "")
+                                            + ("; " if miss and unexp else "")
+                                            + (f"unexpected {_names(unexp)}" if unexp else ""))
+                    models[(t, p)] = m
+            for entry in (e for e in entries if e.pp == stage):
+                if entry.kind in ("extra", "sidecar"):
+                    continue
+                if entry.key == "embedding.word_embeddings.weight" and stage != 0:
+                    continue  # the MTP stage's copy of the embedding
+                p = entry.ep if entry.ep is not None else 0
+                parts = [models[(t, p)][entry.key] for t in range(tp)]
+                for t, s in enumerate(parts):
+                    path = itdir / rank_dir_name(t, stage, p, pp, ep) / RANK_FILE
+                    if not isinstance(s, torch.Tensor):
+                        raise StepconvError(f"{path}: {entry.key} is {type(s).__name__}, expected a tensor")
+                merged = merge_entry(entry, parts, v)
+                for name, tensor in zip(entry.hf, merged):
+                    put(name, tensor, entry.expert)
+                if entry.key == "output_layer.weight" and head_names and not use_sidecar:
+                    for name in head_names:
+                        put(name, merged[0])
+                summary.bytes_read += sum(s.numel() * s.element_size() for s in parts)
+                if progress:
+                    progress(sum(s.numel() * s.element_size() for s in parts), entry.key)
+                for s in parts:
+                    release_pages(s)
+            del models
+        if head_names:
+            if use_sidecar:
+                from safetensors import safe_open
+
+                with safe_open(str(sidecar_file), framework="pt") as f:
+                    for name in head_names:
+                        if name not in f.keys():
+                            raise StepconvError(f"{sidecar_file}: lacks {name}")
+                        put(name, f.get_tensor(name))
+                summary.notes.append(f"{len(head_names)} MTP shared_head.output tensor(s) restored bit-exact from "
+                                     f"{SIDECAR}/{MTP_HEADS}")
+            else:
+                summary.notes.append(f"{len(head_names)} MTP shared_head.output tensor(s) set to output_layer "
+                                     f"(Megatron's MTP shares it; no stepconv sidecar for iteration {it})")
+        incomplete = []
+        for w in files:
+            incomplete += w.close()
+            summary.bytes_written += w.bytes_written
+        if incomplete:
+            raise StepconvError(f"audit failed, not publishing: HF tensor(s) not fully written: {_names(incomplete)}")
+        write_index(tmp, shards)
+        (tmp / "config.json").write_text(json.dumps(cfg.raw, indent=2) + "\n")
+        if (root / SIDECAR / "hf_files").is_dir():
+            copy_files(sorted((root / SIDECAR / "hf_files").iterdir()), tmp)
+        summary.files = len(shards)
+        summary.tensors = len(infos)
+    summary.seconds = time.time() - t0
+    return summary

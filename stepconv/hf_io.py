@@ -1,0 +1,250 @@
+"""Hugging Face side I/O: lazy, validated safetensors reading and streaming safetensors writing.
+
+Reading never materialises more than the slice asked for (safe_open + get_slice). Writing
+lays out each file's header up front, then places every chunk at its final offset with
+pwrite, so a 3 GB expert stack can be written one expert at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from safetensors import safe_open
+
+from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.dtype).element_size()
+
+
+def read_safetensors_header(path: Path) -> dict:
+    """Parse and sanity-check a safetensors header; catches truncated and corrupt files early."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise StepconvError(f"{path}: corrupt safetensors file ({size} bytes, too short for a header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > size - 8 or n > 100_000_000:
+                raise StepconvError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise StepconvError(f"{path}: corrupt safetensors file (header is not valid JSON)") from None
+    except FileNotFoundError:
+        raise StepconvError(f"{path}: not found") from None
+    end = 0
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(meta, dict) or "data_offsets" not in meta or meta.get("dtype") not in SAFETENSORS_DTYPES:
+            raise StepconvError(f"{path}: corrupt safetensors header entry for {name!r}")
+        end = max(end, int(meta["data_offsets"][1]))
+    expected = 8 + n + end
+    if size < expected:
+        raise StepconvError(f"{path}: truncated safetensors file ({size} bytes, header describes {expected})")
+    return header
+
+
+class LazyTensor:
+    """One tensor of a safetensors file; indexing reads only that slice and counts bytes read."""
+
+    def __init__(self, ckpt: "HFCheckpoint", info: TensorInfo):
+        self.ckpt, self.info = ckpt, info
+        self.shape, self.dtype = info.shape, info.dtype
+
+    def __getitem__(self, idx) -> torch.Tensor:
+        sl = self.ckpt._handle(self.info.file).get_slice(self.info.name)
+        t = sl[idx]
+        t = t.contiguous()
+        self.ckpt.bytes_read += t.numel() * t.element_size()
+        return t
+
+
+class HFCheckpoint:
+    """A Step-3.5-Flash HF folder: config, index and lazily opened safetensors files."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise StepconvError(f"{self.path}: not a directory; expected a Hugging Face checkpoint folder")
+        self.config = Step35Config.from_file(self.path / "config.json")
+        self.tensors: dict[str, TensorInfo] = {}
+        self._handles: dict[str, object] = {}
+        self.bytes_read = 0
+        self._scan()
+
+    def _scan(self) -> None:
+        index = self.path / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise StepconvError(f"{index}: not a valid safetensors index (needs a weight_map object)") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.path / SINGLE_NAME).exists():
+            weight_map, files = None, [SINGLE_NAME]
+        else:
+            found = sorted(p.name for p in self.path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+            raise StepconvError(f"{self.path}: no {INDEX_NAME} or {SINGLE_NAME}"
+                                + (f" (found {', '.join(found[:5])}; only safetensors are supported)" if found else ""))
+        missing = [f for f in files if not (self.path / f).exists()]
+        if missing:
+            raise StepconvError(f"{self.path}: index names missing file(s) {', '.join(missing)}")
+        for fname in files:
+            header = read_safetensors_header(self.path / fname)
+            for name, meta in header.items():
+                if name == "__metadata__":
+                    continue
+                if weight_map is not None and weight_map.get(name) != fname:
+                    raise StepconvError(f"{self.path / fname}: holds {name!r}, which {INDEX_NAME} "
+                                        f"maps to {weight_map.get(name)!r}")
+                self.tensors[name] = TensorInfo(name, fname, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+        if weight_map is not None:
+            absent = sorted(n for n in weight_map if n not in self.tensors)
+            if absent:
+                raise StepconvError(f"{self.path}: {len(absent)} tensor(s) in {INDEX_NAME} are not in their files: "
+                                    f"{_names(absent)}")
+
+    def _handle(self, fname: str):
+        h = self._handles.get(fname)
+        if h is None:
+            try:
+                h = safe_open(str(self.path / fname), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise StepconvError(f"{self.path / fname}: cannot open safetensors file ({e})") from None
+            self._handles[fname] = h
+        return h
+
+    def lazy(self, name: str) -> LazyTensor:
+        return LazyTensor(self, self.tensors[name])
+
+    def extra_files(self) -> list[Path]:
+        """Small non-weight files (tokenizer, generation config, remote code) to carry along."""
+        out = []
+        for p in sorted(self.path.iterdir()):
+            if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in (INDEX_NAME, "config.json"):
+                out.append(p)
+        return out
+
+
+def _names(names: Sequence[str], limit: int = 8) -> str:
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+# --- writing ---------------------------------------------------------------------------------
+def _header_bytes(tensors: Sequence[TensorInfo]) -> tuple[bytes, dict[str, int]]:
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offsets, pos = {}, 0
+    for t in tensors:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [pos, pos + t.nbytes]}
+        offsets[t.name] = pos
+        pos += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets
+
+
+class SafetensorsWriter:
+    """A safetensors file whose layout is fixed up front; chunks land at their offsets in any order."""
+
+    def __init__(self, path: Path, tensors: Sequence[TensorInfo]):
+        self.path = path
+        self.infos = {t.name: t for t in tensors}
+        head, offsets = _header_bytes(tensors)
+        self.data_start = len(head)
+        self.offsets = offsets
+        self.written: dict[str, int] = {t.name: 0 for t in tensors}
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.pwrite(self.fd, head, 0)
+        os.ftruncate(self.fd, self.data_start + sum(t.nbytes for t in tensors))
+        self.bytes_written = len(head)
+
+    def write(self, name: str, byte_offset: int, chunk: torch.Tensor) -> None:
+        info = self.infos[name]
+        if chunk.dtype != info.dtype:
+            chunk = chunk.to(info.dtype)
+        data = chunk.contiguous().view(torch.uint8).numpy().tobytes() if chunk.numel() else b""
+        if byte_offset + len(data) > info.nbytes:
+            raise StepconvError(f"internal: chunk overflows {name} ({byte_offset}+{len(data)} > {info.nbytes})")
+        os.pwrite(self.fd, data, self.data_start + self.offsets[name] + byte_offset)
+        self.written[name] += len(data)
+        self.bytes_written += len(data)
+
+    def close(self) -> list[str]:
+        """Close and return the names whose byte count is not exactly their size (empty when complete)."""
+        os.fsync(self.fd)
+        os.close(self.fd)
+        return [n for n, b in self.written.items() if b != self.infos[n].nbytes]
+
+
+def plan_shards(tensors: Sequence[TensorInfo], max_bytes: int) -> list[list[TensorInfo]]:
+    shards: list[list[TensorInfo]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return [s for s in shards if s]
+
+
+def shard_name(k: int, n: int) -> str:
+    return SINGLE_NAME if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+
+
+def write_index(out: Path, shards: Sequence[Sequence[TensorInfo]]) -> None:
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        for t in shard:
+            weight_map[t.name] = shard_name(k, len(shards))
+            total += t.nbytes
+    if len(shards) > 1:
+        (out / INDEX_NAME).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                                 indent=2) + "\n")
+
+
+def parse_size(text: str) -> int:
+    """'5GB' -> bytes (decimal units, like transformers' max_shard_size)."""
+    s = text.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
+             "TB": 10**12, "B": 1}
+    for u, m in units.items():
+        if s.endswith(u):
+            try:
+                return int(float(s[: -len(u)]) * m)
+            except ValueError:
+                break
+    if s.isdigit():
+        return int(s)
+    raise StepconvError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+
+
+def copy_files(files: Iterable[Path], dest: Path) -> None:
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        (dest / f.name).write_bytes(f.read_bytes())

@@ -1,0 +1,194 @@
+"""Megatron legacy (`--ckpt-format torch`) checkpoint I/O, streamed one tensor at a time.
+
+A rank file is what `torch.save({"model": ..., "args": ...})` writes: a zip with `data.pkl`
+and one record per storage. `RankFileWriter` produces the same archive incrementally (each
+tensor is written as soon as it is built, the pickle last), so a 100 GB rank file never sits
+in memory. Reading uses `torch.load(mmap=True, weights_only=True)` and hands pages back to
+the kernel after each tensor is consumed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import mmap
+import os
+import pathlib
+import pickle
+import re
+import sys
+import types
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import StepconvError
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RANK_FILE = "model_optim_rng.pt"
+CHECKPOINT_VERSION = 3.0
+
+
+def iteration_dir_name(iteration: int | str) -> str:
+    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
+
+
+def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
+    name = f"mp_rank_{tp:02d}"
+    if pp_size > 1:
+        name += f"_{pp:03d}"
+    if ep_size > 1:
+        name += f"_{ep:03d}"
+    return name
+
+
+# --- writing ---------------------------------------------------------------------------------
+@dataclass
+class _StorageRef:
+    key: str
+    dtype: torch.dtype
+    numel: int
+
+
+@dataclass
+class _TensorRef:
+    storage: _StorageRef
+    shape: tuple[int, ...]
+
+
+def _storage_class(dtype: torch.dtype):
+    name = torch.storage._dtype_to_storage_type_map()[dtype]  # e.g. "BFloat16Storage", as torch.save pickles it
+    return getattr(torch, name)
+
+
+class _Pickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, _StorageRef):
+            return ("storage", _storage_class(obj.dtype), obj.key, "cpu", obj.numel)
+        return None
+
+    def reducer_override(self, obj):
+        if isinstance(obj, _TensorRef):
+            stride, acc = [], 1
+            for d in reversed(obj.shape):
+                stride.append(acc)
+                acc *= d
+            return (torch._utils._rebuild_tensor_v2,
+                    (obj.storage, 0, tuple(obj.shape), tuple(reversed(stride)), False, OrderedDict()))
+        return NotImplemented
+
+
+class RankFileWriter:
+    """Writes one `model_optim_rng.pt` incrementally; `torch.load` reads it like any torch.save file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._zip = torch._C.PyTorchFileWriter(str(path))
+        self.model: OrderedDict[str, Any] = OrderedDict()
+        self.bytes_written = 0
+
+    def add(self, key: str, tensor: torch.Tensor | None) -> None:
+        if key in self.model:
+            raise StepconvError(f"internal: {key} written twice to {self.path}")
+        if tensor is None:  # megatron's `_extra_state` entries
+            self.model[key] = None
+            return
+        t = tensor.detach().contiguous()
+        nbytes = t.numel() * t.element_size()
+        if t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
+            t = t.clone()  # the record is the whole storage, as torch.save writes it
+        ref = _StorageRef(str(len(self.model)), t.dtype, t.numel())
+        self._zip.write_record(f"data/{ref.key}", t.untyped_storage() if nbytes else b"", nbytes)
+        self.bytes_written += nbytes
+        self.model[key] = _TensorRef(ref, tuple(t.shape))
+
+    def finish(self, args: argparse.Namespace, iteration: int = 0) -> None:
+        obj = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": self.model}
+        data = _dumps(obj)
+        self._zip.write_record("data.pkl", data, len(data))
+        self._zip.write_record(".format_version", "1", 1)
+        self._zip.write_record(".storage_alignment", "64", 2)
+        self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+        self._zip.write_end_of_file()
+        del self._zip
+
+
+def _dumps(obj: Any) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    _Pickler(buf, protocol=2).dump(obj)
+    return buf.getvalue()
+
+
+def write_tracker(root: Path, iteration: int | str = "release") -> None:
+    (root / TRACKER).write_text(f"{iteration}\n" if iteration == "release" else f"{int(iteration)}\n")
+
+
+# --- reading ---------------------------------------------------------------------------------
+_SAFE = [argparse.Namespace, types.SimpleNamespace, pathlib.PosixPath]
+
+
+def _megatron_safe_globals() -> list:
+    try:
+        from megatron.core import safe_globals as sg  # heavy import: only when the light list is not enough
+    except Exception:
+        return []
+    return list(getattr(sg, "SAFE_GLOBALS", []))
+
+
+def load_rank_file(path: Path) -> dict:
+    """torch.load(weights_only=True, mmap=True) under megatron-core's safe globals; nothing else is unpickled."""
+    if not path.exists():
+        raise StepconvError(f"{path}: missing rank file")
+    for allow in (_SAFE, None):
+        try:
+            with torch.serialization.safe_globals(allow if allow is not None else _SAFE + _megatron_safe_globals()):
+                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            break
+        except pickle.UnpicklingError as e:
+            if allow is None:
+                raise StepconvError(f"{path}: not loadable with weights_only=True under megatron-core's safe "
+                                    f"globals ({str(e).splitlines()[0]})") from None
+        except (RuntimeError, EOFError, OSError) as e:
+            raise StepconvError(f"{path}: corrupt or truncated rank file ({str(e).splitlines()[0]})") from None
+    if not isinstance(obj, dict) or "model" not in obj:
+        keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
+        raise StepconvError(f"{path}: no 'model' state dict (found {keys}); expected a Megatron legacy checkpoint")
+    return obj
+
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
+_PAGE = mmap.PAGESIZE
+_MADV_DONTNEED = 4
+
+
+def release_pages(t: torch.Tensor) -> None:
+    """Drop the mmap pages behind `t` from our RSS (file-backed, read-only: re-read if touched again)."""
+    if _libc is None or t.numel() == 0:
+        return
+    st = t.untyped_storage()
+    start = st.data_ptr()
+    lo = start - start % _PAGE
+    hi = start + st.nbytes()
+    _libc.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), _MADV_DONTNEED)
+
+
+def read_tracker(root: Path) -> str:
+    f = root / TRACKER
+    if not f.exists():
+        raise StepconvError(f"{root}: no {TRACKER}; expected a Megatron checkpoint folder "
+                            f"(with release/ or iter_*/ and mp_rank_* subfolders)")
+    text = f.read_text().strip()
+    if text != "release" and not text.isdigit():
+        raise StepconvError(f"{f}: holds {text!r}; expected an iteration number or 'release'")
+    return text
+
+
+def iteration_dirs(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p.name == "release" or re.fullmatch(r"iter_\d{7}", p.name)))
