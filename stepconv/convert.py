@@ -18,7 +18,7 @@ from . import __version__, layout as L
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError
 from .hf_io import (HFCheckpoint, SafetensorsWriter, TensorInfo, copy_files, parse_size, plan_shards, shard_name,
                     write_index, _names)
-from .mapping import MTP_BLOCK, MTP_BLOCK_ALIASES, Entry, Layout, hf_shapes, hf_sources, plan, rank_keys
+from .mapping import MTP_BLOCK, MTP_BLOCK_ALIASES, Entry, Layout, hf_shapes, plan, rank_keys
 from .megatron_io import (RANK_FILE, RankFileWriter, iteration_dir_name, load_rank_file, rank_dir_name, read_tracker,
                           release_pages, write_tracker)
 
@@ -201,7 +201,9 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                             writers[(t, p)].add(entry.key, None)
                     continue
                 srcs = _read_sources(ckpt, entry)
-                consumed.update(entry.hf)
+                if not entry.replica:
+                    for h, t in zip(entry.hf, srcs):
+                        consumed[h] += t.numel()
                 if entry.kind == "sidecar":
                     heads.write(entry.hf[0], 0, srcs[0])
                     continue
@@ -230,10 +232,11 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
             summary.bytes_written += heads.bytes_written
             summary.notes.append(f"{len(side)} MTP shared_head.output tensor(s) have no Megatron slot (MTP shares "
                                  f"output_layer); kept bit-exact in {SIDECAR}/{MTP_HEADS} for mcore-to-hf")
-        want_reads = hf_sources(entries)
-        if consumed != want_reads or set(consumed) != set(ckpt.tensors):
-            wrong = sorted(n for n in set(want_reads) | set(ckpt.tensors) if consumed[n] != want_reads[n])
-            raise StepconvError(f"audit failed, not publishing: source tensors not consumed as planned: {_names(wrong)}")
+        # every element of every source tensor consumed exactly once, judged against the files, not the plan
+        wrong = sorted(f"{n} ({consumed[n]}/{i.nbytes // i.dtype.itemsize} elements)" for n, i in ckpt.tensors.items()
+                       if consumed[n] != i.nbytes // i.dtype.itemsize)
+        if wrong or set(consumed) - set(ckpt.tensors):
+            raise StepconvError(f"audit failed, not publishing: source tensors not consumed exactly once: {_names(wrong)}")
         write_tracker(tmp, "release")
         copy_files(ckpt.extra_files(), tmp / SIDECAR / "hf_files")
         (tmp / SIDECAR / "config.json").write_text(json.dumps(cfg.raw, indent=2) + "\n")

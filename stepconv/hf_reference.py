@@ -294,7 +294,7 @@ class HFReference:
         handles += [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
         try:
             if self.backend == "step3p7":
-                last = self.model(input_ids=input_ids).last_hidden_state  # post final norm
+                last = self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # post final norm
                 logits = self.lm_head(last)
             else:
                 logits = self.model(input_ids=input_ids, use_cache=False).logits

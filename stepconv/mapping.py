@@ -7,7 +7,6 @@ per PP stage, experts per EP rank); both conversions and `inspect` walk the same
 
 from __future__ import annotations
 
-from collections import Counter
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -116,6 +115,7 @@ class Entry:
     expert: int | None = None
     attn: AttnShape | None = None
     layer: int | None = None  # global HF layer index, for messages and ordering
+    replica: bool = False  # a second copy of a tensor another entry already carries (embedding on the MTP stage)
 
 
 def plan(cfg: Step35Config, layout: Layout, spec: str = "local", mtp_block: str = MTP_BLOCK) -> list[Entry]:
@@ -128,7 +128,8 @@ def plan(cfg: Step35Config, layout: Layout, spec: str = "local", mtp_block: str 
     e_local = cfg.num_experts // layout.ep if cfg.num_experts else 0
     out: list[Entry] = []
 
-    def emit(rule: Rule, hf_prefix: str, mc_prefix: str, stage: int, layer: int | None, attn: AttnShape | None):
+    def emit(rule: Rule, hf_prefix: str, mc_prefix: str, stage: int, layer: int | None, attn: AttnShape | None,
+             replica: bool = False):
         key = rule.key(spec)
         if rule.kind == "extra" and not key:
             return
@@ -142,14 +143,13 @@ def plan(cfg: Step35Config, layout: Layout, spec: str = "local", mtp_block: str 
             for p in range(layout.ep):
                 out.append(Entry(hf, mc_prefix + key, "extra", stage, ep=p, layer=layer))
             return
-        out.append(Entry(hf, mc_prefix + key if key else "", rule.kind, stage, attn=attn, layer=layer))
+        out.append(Entry(hf, mc_prefix + key if key else "", rule.kind, stage, attn=attn, layer=layer, replica=replica))
 
     for rule in RULES:
         if rule.where == "first":
             emit(rule, "", "", 0, None, None)
-            if M:  # megatron-core builds the embedding on the MTP stage too
-                if last != 0:
-                    emit(rule, "", "", last, None, None)
+            if M and last != 0:  # megatron-core builds the embedding on the MTP stage too
+                emit(rule, "", "", last, None, None, replica=True)
     for i in range(L + M):
         is_mtp = i >= L
         stage = last if is_mtp else i // per_stage
@@ -172,15 +172,6 @@ def plan(cfg: Step35Config, layout: Layout, spec: str = "local", mtp_block: str 
                 continue
             emit(rule, "", "", last, None, None)
     return out
-
-
-def hf_sources(entries: list[Entry]) -> Counter:
-    """How many entries read each HF tensor (the audit's expectation)."""
-    c: Counter = Counter()
-    for e in entries:
-        for h in e.hf:
-            c[h] += 1
-    return c
 
 
 def rank_keys(entries: list[Entry], layout: Layout) -> dict[tuple[int, int, int], list[str]]:

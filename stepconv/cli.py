@@ -1,0 +1,93 @@
+"""`stepconv` command line: a thin typer layer over stepconv.convert / verify / inspect."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .config import StepconvError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Step-3.5-Flash checkpoints between Hugging Face and Megatron-Core.\n\n"
+                       "Example: stepconv hf-to-mcore --tp 4 Step-3.5-Flash/ && stepconv verify Step-3.5-Flash/ "
+                       "Step-3.5-Flash-mcore/")
+
+
+def _fail(e: BaseException) -> None:
+    typer.echo(f"error: {e}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command("hf-to-mcore")
+def hf_to_mcore_cmd(
+    hf_dir: Path = typer.Argument(..., help="Hugging Face Step-3.5-Flash folder (config.json + safetensors)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder [default: <HF_DIR>-mcore beside the input]."),
+    tp: int = typer.Option(1, "--tp", help="Tensor-parallel size; must divide query groups and heads (e.g. 1, 2, 4, 8)."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size; must divide num_hidden_layers (e.g. 45 -> 1, 3, 5, 9)."),
+    ep: int = typer.Option(1, "--ep", help="Expert-parallel size; must divide moe_num_experts (e.g. 288 -> 8)."),
+    spec: str = typer.Option("te", "--spec", help="Megatron layer spec whose parameter names to write: te (TransformerEngine, "
+                                                   "TEGroupedMLP experts) or local (SequentialMLP)."),
+    dtype: str = typer.Option("keep", "--dtype", help="keep (as stored), bf16 or fp32. The router expert bias stays fp32."),
+    window: str = typer.Option("hf", "--window-convention", help="Sliding window written to args: hf (W keys incl. "
+                                                                  "current, window_size=(W-1,0)) or megatron (W+1 keys)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Convert a HF checkpoint to Megatron legacy per-rank files (mp_rank_*/model_optim_rng.pt).
+
+    Example: stepconv hf-to-mcore --tp 4 --ep 8 --pp 3 Step-3.5-Flash/ -o Step-3.5-Flash-tp4-pp3-ep8
+    """
+    from .convert import hf_to_mcore
+    from .hf_io import HFCheckpoint
+    from .progress import progress
+
+    try:
+        total = sum(t.nbytes for t in HFCheckpoint(hf_dir).tensors.values())
+        with progress(total, "hf-to-mcore", quiet=quiet) as report:
+            s = hf_to_mcore(hf_dir, out, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, overwrite=overwrite,
+                            window_convention=window, progress=report)
+    except StepconvError as e:
+        _fail(e)
+    typer.echo("\n".join(s.lines()))
+
+
+@app.command("mcore-to-hf")
+def mcore_to_hf_cmd(
+    mcore_dir: Path = typer.Argument(..., help="Megatron checkpoint folder (with latest_checkpointed_iteration.txt)."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder [default: <MCORE_DIR>-hf beside the input]."),
+    iteration: Optional[str] = typer.Option(None, "--iteration", help="Iteration number or 'release' [default: latest]."),
+    hf_config: Optional[Path] = typer.Option(None, "--hf-config", help="Step-3.5 config.json, for checkpoints saved by a "
+                                                                       "Megatron training run (no stepconv metadata)."),
+    max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB, 500MB."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Convert Megatron legacy per-rank files back to a HF folder; TP/PP/EP come from the checkpoint.
+
+    Example: stepconv mcore-to-hf Step-3.5-Flash-mcore/ -o Step-3.5-Flash-hf --iteration 2000
+    """
+    from .convert import mcore_to_hf
+    from .progress import progress
+
+    try:
+        with progress(0, "mcore-to-hf", quiet=quiet) as report:
+            s = mcore_to_hf(mcore_dir, out, iteration=iteration, hf_config=hf_config, max_shard_size=max_shard_size,
+                            overwrite=overwrite, progress=report)
+    except StepconvError as e:
+        _fail(e)
+    typer.echo("\n".join(s.lines()))
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted; no output was published", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

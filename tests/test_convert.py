@@ -1,0 +1,161 @@
+"""Round trips are bit-exact, rank files hold Megatron's layout, and the audit refuses bad conversions."""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from conftest import bit_equal, load_hf
+from stepconv import convert, mapping
+from stepconv.config import AttnShape, StepconvError
+from stepconv.convert import hf_to_mcore, mcore_to_hf
+from stepconv.megatron_io import load_rank_file, rank_dir_name
+
+LAYOUTS = [  # (tp, pp, ep, spec, dtype)
+    (1, 1, 1, "te", "keep"),
+    (2, 1, 1, "local", "keep"),
+    (4, 1, 1, "te", "keep"),
+    (1, 2, 1, "local", "keep"),
+    (1, 1, 2, "te", "keep"),
+    (2, 2, 2, "local", "keep"),
+    (4, 4, 8, "te", "keep"),
+    (2, 1, 2, "te", "fp32"),
+    (4, 2, 1, "local", "bf16"),
+]
+
+
+@pytest.mark.parametrize("tp,pp,ep,spec,dtype", LAYOUTS)
+def test_round_trip_is_bit_exact(tmp_path, fixture_dir, fixture_tensors, tp, pp, ep, spec, dtype):
+    m, h = tmp_path / "m", tmp_path / "h"
+    hf_to_mcore(fixture_dir, m, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype)
+    mcore_to_hf(m, h, max_shard_size="200KB")
+    back = load_hf(h)
+    assert set(back) == set(fixture_tensors)
+    bad = [n for n in fixture_tensors if not bit_equal(back[n], fixture_tensors[n])]
+    assert bad == []
+    assert back["model.layers.2.moe.router_bias"].dtype == torch.float32
+    assert json.loads((h / "config.json").read_text()) == json.loads((fixture_dir / "config.json").read_text())
+    assert (h / "generation_config.json").exists() and (h / "model.safetensors.index.json").exists()
+
+
+def test_layout_files_and_args(tmp_path, fixture_dir):
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=2, pp=2, ep=2, spec="local")
+    assert (m / "latest_checkpointed_iteration.txt").read_text().strip() == "release"
+    dirs = sorted(p.name for p in (m / "release").iterdir())
+    assert dirs == sorted(f"mp_rank_{t:02d}_{p:03d}_{e:03d}" for t in range(2) for p in range(2) for e in range(2))
+    obj = load_rank_file(m / "release" / "mp_rank_01_001_001" / "model_optim_rng.pt")
+    a = obj["args"]
+    assert obj["checkpoint_version"] == 3.0 and obj["iteration"] == 0
+    assert (a.tensor_model_parallel_size, a.pipeline_model_parallel_size, a.expert_model_parallel_size) == (2, 2, 2)
+    assert a.head_wise_attn_gate is True and a.num_layers == 4 and a.mtp_num_layers == 1
+    assert a.padded_vocab_size == 1280 and a.moe_layer_freq == [0, 0, 1, 1] and a.window_size == (7, 0)
+    assert a.apply_layernorm_1p and a.qk_layernorm and a.moe_router_score_function == "sigmoid"
+    sd = obj["model"]
+    # stage 1 of 2 holds layers 2,3 as local 0,1, the MTP layer, the embedding copy and the output layer
+    assert "decoder.layers.0.mlp.experts.local_experts.3.linear_fc1.weight" in sd
+    assert "decoder.layers.2.input_layernorm.weight" not in sd
+    assert sd["mtp.layers.0.transformer_layer.self_attention.linear_qkv.weight"].shape == (
+        (12 * 16 + 2 * 4 * 16) // 2 + 12 // 2, 64)
+    assert sd["mlp.router.expert_bias".join(["decoder.layers.0.", ""])].dtype == torch.float32
+    assert sd["embedding.word_embeddings.weight"].shape == (640, 64)
+    assert sd["decoder.layers.0.self_attention.linear_qkv._extra_state"] is None
+
+
+def _expected_qkv(q, k, v, g, shape: AttnShape, tp: int, r: int) -> torch.Tensor:
+    """Built independently: per group [q heads of the group; k; v], groups of rank r, then its heads' gate rows."""
+    hd, hpg = shape.head_dim, shape.heads // shape.groups
+    qh = q.view(shape.groups, hpg * hd, -1)
+    kh, vh = k.view(shape.groups, hd, -1), v.view(shape.groups, hd, -1)
+    per_group = torch.cat([qh, kh, vh], dim=1)  # [groups, (hpg+2)*hd, H]
+    gpr = shape.groups // tp
+    qkv = per_group[r * gpr:(r + 1) * gpr].reshape(-1, q.shape[-1])
+    return torch.cat([qkv, g.view(tp, shape.heads // tp, -1)[r]])
+
+
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_each_rank_linear_qkv_is_megatrons_layout(tmp_path, fixture_dir, fixture_tensors, tp):
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=tp, spec="te")
+    for layer, key in [(0, "decoder.layers.0"), (1, "decoder.layers.1"), (4, "mtp.layers.0.transformer_layer")]:
+        shape = AttnShape(8, 4, 16) if layer == 0 else AttnShape(12, 4, 16)
+        p = f"model.layers.{layer}.self_attn."
+        q, k, v, g = (fixture_tensors[p + n] for n in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "g_proj.weight"))
+        for r in range(tp):
+            sd = load_rank_file(m / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt")["model"]
+            assert torch.equal(sd[f"{key}.self_attention.linear_qkv.weight"], _expected_qkv(q, k, v, g, shape, tp, r))
+
+
+def test_a_gate_row_on_the_wrong_rank_fails_the_layout_check(tmp_path, fixture_dir, fixture_tensors):
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=2, spec="te")
+    f0, f1 = (m / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt" for r in (0, 1))
+    a, b = load_rank_file(f0)["model"], load_rank_file(f1)["model"]
+    key = "decoder.layers.1.self_attention.linear_qkv.weight"
+    p = "model.layers.1.self_attn."
+    q, k, v, g = (fixture_tensors[p + n] for n in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "g_proj.weight"))
+    ra, rb = a[key].clone(), b[key].clone()
+    ra[-1], rb[-1] = b[key][-1], a[key][-1]
+    assert not torch.equal(ra, _expected_qkv(q, k, v, g, AttnShape(12, 4, 16), 2, 0))
+    assert torch.equal(a[key], _expected_qkv(q, k, v, g, AttnShape(12, 4, 16), 2, 0))
+
+
+def test_audit_refuses_to_publish_when_a_source_is_not_consumed(tmp_path, fixture_dir, monkeypatch):
+    real = mapping.plan
+
+    def drop_experts(*a, **k):
+        return [e for e in real(*a, **k) if not (e.kind == "expert_fc2" and e.expert == 5)]
+
+    monkeypatch.setattr(convert, "plan", drop_experts)
+    out = tmp_path / "m"
+    with pytest.raises(StepconvError, match="not consumed exactly once.*moe.down_proj"):
+        hf_to_mcore(fixture_dir, out, tp=2)
+    assert not out.exists() and not (tmp_path / "m.partial").exists()
+
+
+def test_audit_refuses_a_source_consumed_twice(tmp_path, fixture_dir, monkeypatch):
+    real = mapping.plan
+    monkeypatch.setattr(convert, "plan", lambda *a, **k: (lambda p: p + [e for e in p if e.kind == "row"][:1])(real(*a, **k)))
+    with pytest.raises(StepconvError):
+        hf_to_mcore(fixture_dir, tmp_path / "m", tp=2)
+    assert not (tmp_path / "m").exists()
+
+
+def test_interrupted_conversion_leaves_nothing_under_the_final_name(tmp_path, fixture_dir, monkeypatch):
+    from stepconv import megatron_io
+
+    calls = {"n": 0}
+    real_add = megatron_io.RankFileWriter.add
+
+    def flaky(self, key, t):
+        calls["n"] += 1
+        if calls["n"] == 40:
+            raise KeyboardInterrupt
+        return real_add(self, key, t)
+
+    monkeypatch.setattr(megatron_io.RankFileWriter, "add", flaky)
+    out = tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        hf_to_mcore(fixture_dir, out, tp=2)
+    assert not out.exists()
+
+
+def test_export_reads_checkpoint_without_stepconv_metadata_given_hf_config(tmp_path, fixture_dir, fixture_tensors):
+    m, h = tmp_path / "m", tmp_path / "h"
+    hf_to_mcore(fixture_dir, m, tp=2, spec="local")
+    for r in range(2):  # strip what only stepconv writes, as a Megatron training run's save would
+        f = m / "release" / rank_dir_name(r, 0, 0, 1, 1) / "model_optim_rng.pt"
+        obj = load_rank_file(f)
+        obj = {"model": {k: (v.clone() if v is not None else None) for k, v in obj["model"].items()},
+               "args": obj["args"], "iteration": 0, "checkpoint_version": 3.0}
+        del obj["args"].step35_config, obj["args"].stepconv
+        torch.save(obj, f)
+    shutil.rmtree(m / "stepconv")
+    with pytest.raises(StepconvError, match="--hf-config"):
+        mcore_to_hf(m, h)
+    s = mcore_to_hf(m, h, hf_config=fixture_dir / "config.json")
+    back = load_hf(h)
+    assert all(bit_equal(back[n], fixture_tensors[n]) for n in fixture_tensors if "shared_head.output" not in n)
+    assert torch.equal(back["model.layers.4.transformer.shared_head.output.weight"], fixture_tensors["lm_head.weight"])
+    assert any("set to output_layer" in n for n in s.notes)
