@@ -19,6 +19,7 @@ from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, Stepc
 from .hf_io import (HFCheckpoint, SafetensorsWriter, TensorInfo, copy_files, parse_size, plan_shards, shard_name,
                     write_index, _names)
 from .mapping import MTP_BLOCK, MTP_BLOCK_ALIASES, Entry, Layout, hf_shapes, plan, rank_keys
+from .memory import fixed_mmap_threshold
 from .megatron_io import (RANK_FILE, RankFileWriter, iteration_dir_name, load_rank_file, rank_dir_name, read_tracker,
                           release_pages, write_tracker)
 
@@ -154,6 +155,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                 ep: int = 1, spec: str = "te", dtype: str = "keep", overwrite: bool = False,
                 window_convention: str = "hf", progress: Progress | None = None) -> Summary:
     t0 = time.time()
+    fixed_mmap_threshold()
     ckpt = HFCheckpoint(hf_dir)
     cfg = ckpt.config
     if dtype != "keep" and dtype not in DTYPES:
@@ -277,6 +279,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                 max_shard_size: str = "5GB", overwrite: bool = False,
                 progress: Progress | None = None) -> Summary:
     t0 = time.time()
+    fixed_mmap_threshold()
     root = Path(mcore_dir)
     if not root.is_dir():
         raise StepconvError(f"{root}: not a directory; expected a Megatron checkpoint folder")

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from safetensors import safe_open
 
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError
 
@@ -69,17 +68,34 @@ def read_safetensors_header(path: Path) -> dict:
 
 
 class LazyTensor:
-    """One tensor of a safetensors file; indexing reads only that slice and counts bytes read."""
+    """One tensor of a safetensors file; indexing reads only the dim-0 rows asked for.
+
+    Reads go through pread at the offsets of the (validated) header rather than safe_open's
+    memory map: mapped pages stay in the process's RSS once touched, which made peak memory
+    grow with the checkpoint (measured: +113 MB after streaming 160 MB of experts).
+    """
 
     def __init__(self, ckpt: "HFCheckpoint", info: TensorInfo):
         self.ckpt, self.info = ckpt, info
         self.shape, self.dtype = info.shape, info.dtype
 
     def __getitem__(self, idx) -> torch.Tensor:
-        sl = self.ckpt._handle(self.info.file).get_slice(self.info.name)
-        t = sl[idx]
-        t = t.contiguous()
-        self.ckpt.bytes_read += t.numel() * t.element_size()
+        idx = idx if isinstance(idx, tuple) else (idx,)
+        first, rest = idx[0], idx[1:]
+        n0 = self.shape[0] if self.shape else 1
+        if isinstance(first, int):
+            first = slice(first, first + 1)
+            squeeze = True
+        else:
+            squeeze = False
+        lo, hi, step = first.indices(n0)
+        if step != 1:
+            raise IndexError("LazyTensor supports unit-step slices only")
+        t = self.ckpt._read_rows(self.info, lo, max(hi, lo))
+        if squeeze:
+            t = t[0]
+        if rest:
+            t = t[(slice(None), *rest) if not squeeze else rest].contiguous()
         return t
 
 
@@ -92,7 +108,9 @@ class HFCheckpoint:
             raise StepconvError(f"{self.path}: not a directory; expected a Hugging Face checkpoint folder")
         self.config = Step35Config.from_file(self.path / "config.json")
         self.tensors: dict[str, TensorInfo] = {}
-        self._handles: dict[str, object] = {}
+        self._data_start: dict[str, int] = {}  # file -> byte offset of the data area
+        self._offsets: dict[str, int] = {}  # tensor -> byte offset inside the data area
+        self._fds: dict[str, int] = {}
         self.bytes_read = 0
         self._scan()
 
@@ -115,28 +133,46 @@ class HFCheckpoint:
             raise StepconvError(f"{self.path}: index names missing file(s) {', '.join(missing)}")
         for fname in files:
             header = read_safetensors_header(self.path / fname)
+            with open(self.path / fname, "rb") as f:
+                self._data_start[fname] = 8 + struct.unpack("<Q", f.read(8))[0]
             for name, meta in header.items():
                 if name == "__metadata__":
                     continue
                 if weight_map is not None and weight_map.get(name) != fname:
                     raise StepconvError(f"{self.path / fname}: holds {name!r}, which {INDEX_NAME} "
                                         f"maps to {weight_map.get(name)!r}")
-                self.tensors[name] = TensorInfo(name, fname, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+                info = TensorInfo(name, fname, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]))
+                begin, end = meta["data_offsets"]
+                if end - begin != info.nbytes:
+                    raise StepconvError(f"{self.path / fname}: corrupt header: {name} spans {end - begin} bytes, "
+                                        f"its dtype and shape need {info.nbytes}")
+                self.tensors[name] = info
+                self._offsets[name] = int(begin)
         if weight_map is not None:
             absent = sorted(n for n in weight_map if n not in self.tensors)
             if absent:
                 raise StepconvError(f"{self.path}: {len(absent)} tensor(s) in {INDEX_NAME} are not in their files: "
                                     f"{_names(absent)}")
 
-    def _handle(self, fname: str):
-        h = self._handles.get(fname)
-        if h is None:
-            try:
-                h = safe_open(str(self.path / fname), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise StepconvError(f"{self.path / fname}: cannot open safetensors file ({e})") from None
-            self._handles[fname] = h
-        return h
+    def _read_rows(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
+        """Rows [lo, hi) of dim 0, read with pread into a fresh buffer."""
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+        rows = info.shape[0] if info.shape else 1
+        row_bytes = info.nbytes // rows if rows else 0
+        n = (hi - lo) * row_bytes
+        buf = bytearray(n)
+        view, pos = memoryview(buf), 0
+        start = self._data_start[info.file] + self._offsets[info.name] + lo * row_bytes
+        while pos < n:
+            got = os.preadv(fd, [view[pos:]], start + pos)
+            if got <= 0:
+                raise StepconvError(f"{self.path / info.file}: truncated while reading {info.name}")
+            pos += got
+        self.bytes_read += n
+        t = torch.frombuffer(buf, dtype=info.dtype) if n else torch.empty(0, dtype=info.dtype)
+        return t.view(hi - lo, *info.shape[1:]) if info.shape else t.view(())
 
     def lazy(self, name: str) -> LazyTensor:
         return LazyTensor(self, self.tensors[name])

@@ -46,6 +46,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from . import hfconfig
 from .hfconfig import Step35LayerInfo
+from .runtime import cpu_tensor_cuda_is_identity
 from .modules import (
     Step35CoreAttention,
     Step35RMSNorm,
@@ -241,15 +242,16 @@ def step35_block_specs(hf_config: dict, config: TransformerConfig, *, window_con
         layer_specs = []
         for k in range(n_mtp):
             info = infos[L + k]
+            inner = step35_layer_spec(info, layer_transformer_config(config, info))
+            # 0.16.x names the inner layer `transformer_layer`; >= 0.17/dev `mtp_model_layer`.
+            inner_field = ("transformer_layer" if "transformer_layer" in
+                           {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
+                           else "mtp_model_layer")
             layer_specs.append(ModuleSpec(
                 module=MultiTokenPredictionLayer,
                 submodules=MultiTokenPredictionLayerSubmodules(
-                    enorm=Step35RMSNorm,
-                    hnorm=Step35RMSNorm,
-                    eh_proj=ColumnParallelLinear,
-                    transformer_layer=step35_layer_spec(info, layer_transformer_config(config, info)),
-                    layer_norm=Step35RMSNorm,
-                ),
+                    enorm=Step35RMSNorm, hnorm=Step35RMSNorm, eh_proj=ColumnParallelLinear,
+                    layer_norm=Step35RMSNorm, **{inner_field: inner}),
             ))
         mtp = MultiTokenPredictionBlockSubmodules(layer_specs=layer_specs)
     return block, mtp
@@ -370,19 +372,20 @@ def build_step35_model(hf_config: dict, *, pre_process: Optional[bool] = None,
                                     vp_stage=vp_stage)
     vocab = hfconfig.padded_vocab_size(int(hf_config["vocab_size"]),
                                        config.tensor_model_parallel_size, make_vocab_size_divisible_by)
-    model = Step35GPTModel(
-        config=config,
-        transformer_layer_spec=block,
-        vocab_size=vocab,
-        max_sequence_length=int(hf_config.get("max_position_embeddings", 4096)),
-        pre_process=pre_process,
-        post_process=post_process,
-        parallel_output=parallel_output,
-        share_embeddings_and_output_weights=False,
-        position_embedding_type="none",
-        mtp_block_spec=mtp,
-        vp_stage=vp_stage,
-    )
+    with cpu_tensor_cuda_is_identity():
+        model = Step35GPTModel(
+            config=config,
+            transformer_layer_spec=block,
+            vocab_size=vocab,
+            max_sequence_length=int(hf_config.get("max_position_embeddings", 4096)),
+            pre_process=pre_process,
+            post_process=post_process,
+            parallel_output=parallel_output,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="none",
+            mtp_block_spec=mtp,
+            vp_stage=vp_stage,
+        )
     model.step35_hf_config = hf_config
     model.step35_layer_infos = hfconfig.all_layer_infos(hf_config, window_convention)
     model.step35_native_head_wise_gate = native_head_wise_gate_available()

@@ -270,6 +270,8 @@ class Step35TransformerLayer(TransformerLayer):
                          hidden_dropout=hidden_dropout, pg_collection=pg_collection,
                          vp_stage=vp_stage, **kwargs)
         self.step_layer = step_layer
-        if step_layer is not None and self.layer_number != step_layer.index + 1:
+        # (MTP inner layers are numbered differently across megatron versions; decoder layers are
+        # global 1-based indices everywhere.)
+        if step_layer is not None and not step_layer.is_mtp and self.layer_number != step_layer.index + 1:
             raise RuntimeError(f"layer built as megatron layer_number {self.layer_number}, expected "
                                f"HF layer {step_layer.index} (+1)")

@@ -7,6 +7,7 @@ when CUDA is unavailable.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from datetime import timedelta
@@ -54,6 +55,25 @@ def cpu_patches() -> bool:
         moe_utils.te_general_gemm = None
     _PATCHED = True
     return True
+
+
+@contextlib.contextmanager
+def cpu_tensor_cuda_is_identity():
+    """Within the block, ``Tensor.cuda()`` returns the tensor itself when CUDA is unavailable.
+
+    megatron-core 0.16.1 ``LanguageModule.setup_embeddings_and_output_layer`` moves the duplicated
+    MTP/tied embedding with ``.cuda()`` before all-reducing it between the first and last PP stage.
+    Scoped to model construction rather than patched process-wide.
+    """
+    if torch.cuda.is_available():
+        yield
+        return
+    orig = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = orig
 
 
 def free_port() -> int:

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from . import hfconfig
+from .ckpt import CKPT_BASENAME, rank_dir_name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,16 +280,6 @@ def hf_to_mcore_rank_state_dicts(cfg: dict, tensors: dict[str, torch.Tensor], *,
     return out
 
 
-def rank_dir_name(tp_rank: int, pp_rank: int, ep_rank: int, *, pp: int, ep: int) -> str:
-    """megatron.training ``get_checkpoint_name`` folder: mp_rank_TT[_PPP][_EEE]."""
-    name = f"mp_rank_{tp_rank:02d}"
-    if pp > 1:
-        name += f"_{pp_rank:03d}"
-    if ep > 1:
-        name += f"_{ep_rank:03d}"
-    return name
-
-
 def write_mcore_checkpoint(out_dir, rank_state_dicts: dict, *, tp: int, pp: int, ep: int,
                            args: Optional[argparse.Namespace] = None) -> Path:
     """Write ``<out_dir>/release/<rank dir>/model_optim_rng.pt`` + ``latest_checkpointed_iteration.txt``."""
@@ -298,7 +289,7 @@ def write_mcore_checkpoint(out_dir, rank_state_dicts: dict, *, tp: int, pp: int,
         d.mkdir(parents=True, exist_ok=True)
         a = args or argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                        expert_model_parallel_size=ep)
-        torch.save({"model": sd, "args": a, "checkpoint_version": 3.0, "iteration": 0}, d / "model_optim_rng.pt")
+        torch.save({"model": sd, "args": a, "checkpoint_version": 3.0, "iteration": 0}, d / CKPT_BASENAME)
     (out_dir / "latest_checkpointed_iteration.txt").write_text("release")
     return out_dir
 
