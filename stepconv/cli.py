@@ -81,6 +81,32 @@ def mcore_to_hf_cmd(
     typer.echo("\n".join(s.lines()))
 
 
+@app.command("compare")
+def compare_cmd(
+    a: Path = typer.Argument(..., help="First HF folder."),
+    b: Path = typer.Argument(..., help="Second HF folder."),
+) -> None:
+    """Check two HF checkpoints are bit-identical: tensor names, dtypes, shapes, bytes and config.json.
+
+    Example: stepconv compare Step-3.5-Flash/ Step-3.5-Flash-mcore-hf/
+    """
+    from .compare import compare_hf
+
+    try:
+        c = compare_hf(a, b)
+    except StepconvError as e:
+        _fail(e)
+    if c.identical:
+        typer.echo(f"identical: {c.tensors} tensors, {c.bytes / 1e6:.2f} MB bit-exact, config.json equal")
+        return
+    for what, names in (("only in " + str(a), c.only_a), ("only in " + str(b), c.only_b), ("differ", c.differ)):
+        if names:
+            typer.echo(f"{what}: {len(names)}: {', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+    if not c.config_equal:
+        typer.echo("config.json differs")
+    raise typer.Exit(1)
+
+
 def main() -> None:
     try:
         app()

@@ -131,3 +131,14 @@ def test_default_output_is_beside_the_input(hf):
     code, out, err = run("hf-to-mcore", hf)
     assert code == 0, err
     assert (hf.parent / "hf-mcore" / "latest_checkpointed_iteration.txt").exists()
+
+
+def test_compare_detects_a_single_flipped_byte(hf, fixture_dir):
+    code, out, _ = run("compare", fixture_dir, hf)
+    assert code == 0 and "identical" in out
+    f = hf / "model-00001-of-00002.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-3] ^= 1
+    f.write_bytes(bytes(data))
+    code, out, _ = run("compare", fixture_dir, hf)
+    assert code == 1 and "differ: 1" in out
