@@ -34,6 +34,12 @@ def hf_to_mcore_cmd(
     window: str = typer.Option("hf", "--window-convention", help="Sliding window written to args: hf (W keys incl. "
                                                                   "current, window_size=(W-1,0)) or megatron (W+1 keys)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from <OUT>.partial, skipping "
+                                                         "rank files already complete (same input and options)."),
+    max_memory: Optional[str] = typer.Option(None, "--max-memory", help="Memory budget for parallel work, e.g. 64GB "
+                                                                         "[default: half the machine's RAM]."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Most rank-file groups converted at once "
+                                                                  "[default: CPU count, within --max-memory]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Convert a HF checkpoint to Megatron legacy per-rank files (mp_rank_*/model_optim_rng.pt).
@@ -41,14 +47,15 @@ def hf_to_mcore_cmd(
     Example: stepconv hf-to-mcore --tp 4 --ep 8 --pp 3 Step-3.5-Flash/ -o Step-3.5-Flash-tp4-pp3-ep8
     """
     from .convert import hf_to_mcore
-    from .hf_io import HFCheckpoint
+    from .hf_io import HFCheckpoint, parse_size
     from .progress import progress
 
     try:
+        budget = parse_size(max_memory, "--max-memory") if max_memory else None
         total = sum(t.nbytes for t in HFCheckpoint(hf_dir).tensors.values())
         with progress(total, "hf-to-mcore", quiet=quiet) as report:
             s = hf_to_mcore(hf_dir, out, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, overwrite=overwrite,
-                            window_convention=window, progress=report)
+                            window_convention=window, resume=resume, max_memory=budget, jobs=jobs, progress=report)
     except StepconvError as e:
         _fail(e)
     typer.echo("\n".join(s.lines()))

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import threading
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -59,18 +62,23 @@ def _gb(n: int) -> str:
 
 
 @contextmanager
-def staging(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Build in `<out>.partial`, rename into place only when complete."""
+def staging(out: Path, overwrite: bool, resume: bool = False) -> Iterator[Path]:
+    """Build in `<out>.partial`, rename into place only when complete.
+
+    On an error the partial folder is removed, except with `resume`, where it is kept for the next
+    `--resume` run (a kill -9 keeps it anyway; nothing in it carries a final name until complete).
+    """
     if out.exists() and not overwrite:
         raise StepconvError(f"{out}: already exists; pass --overwrite to replace it or -o to choose another folder")
     tmp = out.with_name(out.name + ".partial")
-    if tmp.exists():
+    if tmp.exists() and not resume:
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp.mkdir(parents=True, exist_ok=True)
     try:
         yield tmp
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if not resume:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     if out.exists():
         old = out.with_name(out.name + ".replaced")
@@ -147,13 +155,154 @@ def merge_entry(entry: Entry, shards: Sequence[torch.Tensor], vocab: int) -> tup
 
 def _read_sources(ckpt: HFCheckpoint, entry: Entry) -> list[torch.Tensor]:
     if entry.expert is not None:
-        return [ckpt.lazy(h)[entry.expert:entry.expert + 1][0] for h in entry.hf]
+        return [ckpt.lazy(h)[entry.expert] for h in entry.hf]
     return [ckpt.lazy(h)[:] for h in entry.hf]
+
+
+def _entry_source_bytes(ckpt: HFCheckpoint, entry: Entry) -> int:
+    n = 0
+    for h in entry.hf:
+        i = ckpt.tensors[h]
+        n += i.nbytes // i.shape[0] if entry.expert is not None else i.nbytes
+    return n
+
+
+@dataclass
+class Unit:
+    """Rank files written together: one PP stage x one EP rank (all its TP ranks), or the MTP-head sidecar.
+
+    Units are independent: each can run on its own thread, and each is journaled when complete so
+    that `--resume` skips it. A non-expert tensor is consumed (for the audit) by the EP-rank-0 unit.
+    """
+
+    name: str
+    stage: int
+    ep: int | None  # None: the sidecar unit
+    entries: list[Entry]
+    outputs: list[str]  # paths relative to the output root
+    peak_bytes: int = 0
+
+
+def _units(ckpt: HFCheckpoint, entries: list[Entry], lay: Layout) -> list[Unit]:
+    units = []
+    side = [e for e in entries if e.kind == "sidecar"]
+    if side:
+        units.append(Unit("mtp-heads", lay.pp - 1, None, side, [f"{SIDECAR}/{MTP_HEADS}"]))
+    for stage in range(lay.pp):
+        for p in range(lay.ep):
+            es = [e for e in entries if e.pp == stage and e.kind != "sidecar" and (e.ep is None or e.ep == p)]
+            outs = [f"release/{rank_dir_name(t, stage, p, lay.pp, lay.ep)}/{RANK_FILE}" for t in range(lay.tp)]
+            units.append(Unit(f"stage {stage} ep {p}", stage, p, es, outs))
+    for u in units:  # the largest source read plus its TP shards, held at once
+        u.peak_bytes = 2 * max((_entry_source_bytes(ckpt, e) for e in u.entries), default=0)
+    return units
+
+
+class Journal:
+    """`<out>.partial/.stepconv-journal.json`: which units are complete, and what each consumed."""
+
+    NAME = ".stepconv-journal.json"
+
+    def __init__(self, root: Path, fingerprint: str):
+        self.path = root / self.NAME
+        self.fingerprint = fingerprint
+        self.done: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if data.get("fingerprint") == self.fingerprint:
+            self.done = data.get("done", {})
+
+    def complete(self, unit: Unit, consumed: Counter) -> None:
+        with self.lock:
+            self.done[unit.name] = {"outputs": unit.outputs, "consumed": dict(consumed)}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done}))
+            os.replace(tmp, self.path)
+
+
+def default_max_memory() -> int:
+    """Half the machine's RAM."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+def _run_unit(unit: Unit, ckpt: HFCheckpoint, root: Path, lay: Layout, args, padded: int,
+              target: torch.dtype | None, progress: Progress | None, lock: threading.Lock) -> tuple[Counter, int, int]:
+    consumed: Counter = Counter()
+    tp = lay.tp
+    if unit.ep is None:
+        infos = [TensorInfo(e.hf[0], MTP_HEADS, ckpt.tensors[e.hf[0]].dtype, ckpt.tensors[e.hf[0]].shape)
+                 for e in unit.entries]
+        final = root / unit.outputs[0]
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = final.with_name(final.name + ".tmp")
+        heads = SafetensorsWriter(tmp, infos)
+        for e in unit.entries:
+            t = _read_sources(ckpt, e)[0]
+            heads.write(e.hf[0], 0, t)
+            consumed[e.hf[0]] += t.numel()
+            if progress:
+                with lock:
+                    progress(t.numel() * t.element_size(), e.hf[0])
+        incomplete = heads.close()
+        if incomplete:
+            raise StepconvError(f"internal audit: MTP heads not fully written: {_names(incomplete)}")
+        os.replace(tmp, final)
+        return consumed, heads.bytes_written, 0
+    writers = [RankFileWriter(root / o) for o in unit.outputs]
+    for entry in unit.entries:
+        if entry.kind == "extra":
+            for w in writers:
+                w.add(entry.key, None)
+            continue
+        srcs = _read_sources(ckpt, entry)
+        if not entry.replica and (entry.ep is not None or unit.ep == 0):
+            for h, t in zip(entry.hf, srcs):
+                consumed[h] += t.numel()
+        for t, w in enumerate(writers):
+            shard = split_entry(entry, srcs, tp, t, padded)
+            if entry.key.endswith("expert_bias"):
+                shard = shard.float()  # megatron keeps the router expert bias in fp32
+            elif target is not None:
+                shard = shard.to(target)
+            w.add(entry.key, shard)
+        if progress:
+            with lock:
+                progress(sum(x.numel() * x.element_size() for x in srcs), entry.key)
+        del srcs
+    want = [e.key for e in unit.entries]
+    written, tensors = 0, 0
+    for w in writers:
+        if list(w.model) != want:
+            missing = [k for k in want if k not in w.model]
+            raise StepconvError(f"internal audit: {w.path} is missing {_names(missing)}")
+        w.finish(args)
+        written += w.bytes_written
+        tensors += sum(v is not None for v in w.model.values())
+    return consumed, written, tensors
+
+
+def _fingerprint(ckpt: HFCheckpoint, **options) -> str:
+    h = hashlib.sha256(json.dumps(options, sort_keys=True, default=str).encode())
+    for f in sorted({i.file for i in ckpt.tensors.values()}):
+        st = (ckpt.path / f).stat()
+        h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update((ckpt.path / "config.json").read_bytes())
+    return h.hexdigest()
 
 
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *, tp: int = 1, pp: int = 1,
                 ep: int = 1, spec: str = "te", dtype: str = "keep", overwrite: bool = False,
-                window_convention: str = "hf", progress: Progress | None = None) -> Summary:
+                window_convention: str = "hf", resume: bool = False, max_memory: int | None = None,
+                jobs: int | None = None, progress: Progress | None = None) -> Summary:
+    """Convert a HF folder to Megatron legacy rank files; see `stepconv hf-to-mcore --help`."""
     t0 = time.time()
     fixed_mmap_threshold()
     ckpt = HFCheckpoint(hf_dir)
@@ -166,14 +315,11 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     check_hf_tensors(ckpt)
     lay = Layout(tp, pp, ep)
     entries = plan(cfg, lay, spec)
-    expected = rank_keys(entries, lay)
     out = Path(out_dir) if out_dir else ckpt.path.with_name(ckpt.path.name + "-mcore")
     _check_distinct(ckpt.path, out)
 
     target = DTYPES.get(dtype)
-    torch_dtype = SAFETENSORS_DTYPES.get({"bfloat16": "BF16", "float32": "F32", "float16": "F16"}.get(
-        str(cfg.raw.get("torch_dtype", "bfloat16")), "BF16"))
-    params_dtype = target or torch_dtype
+    params_dtype = target or _config_dtype(cfg)
     source_dtypes = {n: DTYPE_NAMES[i.dtype] for n, i in ckpt.tensors.items()}
     meta = {"version": __version__, "spec": spec, "dtype": dtype, "source_dtypes": source_dtypes,
             "iteration": "release", "mtp_heads": MTP_HEADS if cfg.num_mtp else None,
@@ -182,63 +328,46 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                              window_convention=window_convention, extra={"stepconv": meta})
     padded = cfg.padded_vocab(tp)
     summary = Summary("hf-to-mcore", ckpt.path, out, lay, spec)
-    consumed: Counter = Counter()
+    units = _units(ckpt, entries, lay)
+    budget = max_memory if max_memory is not None else default_max_memory()
+    biggest = max(u.peak_bytes for u in units)
+    if budget < biggest:
+        raise StepconvError(f"--max-memory {budget / 2**30:.2f} GiB is below the largest tensor working set "
+                            f"{biggest / 2**30:.2f} GiB; allow at least that much")
+    workers = max(1, min(jobs or os.cpu_count() or 1, len(units), budget // max(biggest, 1)))
+    fingerprint = _fingerprint(ckpt, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, window=window_convention,
+                               version=__version__)
 
-    with staging(out, overwrite) as tmp:
-        side = [e for e in entries if e.kind == "sidecar"]
-        heads = None
-        if side:
-            infos = [TensorInfo(e.hf[0], MTP_HEADS, ckpt.tensors[e.hf[0]].dtype, ckpt.tensors[e.hf[0]].shape)
-                     for e in side]
-            (tmp / SIDECAR).mkdir()
-            heads = SafetensorsWriter(tmp / SIDECAR / MTP_HEADS, infos)
-        for stage in range(pp):
-            writers = {(t, p): RankFileWriter(tmp / "release" / rank_dir_name(t, stage, p, pp, ep) / RANK_FILE)
-                       for p in range(ep) for t in range(tp)}
-            for entry in (e for e in entries if e.pp == stage):
-                eps = range(ep) if entry.ep is None else (entry.ep,)
-                if entry.kind == "extra":
-                    for p in eps:
-                        for t in range(tp):
-                            writers[(t, p)].add(entry.key, None)
-                    continue
-                srcs = _read_sources(ckpt, entry)
-                if not entry.replica:
-                    for h, t in zip(entry.hf, srcs):
-                        consumed[h] += t.numel()
-                if entry.kind == "sidecar":
-                    heads.write(entry.hf[0], 0, srcs[0])
-                    continue
-                for t in range(tp):
-                    shard = split_entry(entry, srcs, tp, t, padded)
-                    if entry.key.endswith("expert_bias"):
-                        shard = shard.float()  # megatron keeps the router expert bias in fp32
-                    elif target is not None:
-                        shard = shard.to(target)
-                    for p in eps:
-                        writers[(t, p)].add(entry.key, shard)
-                if progress:
-                    progress(sum(s.numel() * s.element_size() for s in srcs), entry.key)
-            for (t, p), w in writers.items():
-                want = expected[(t, stage, p)]
-                if list(w.model) != want:
-                    missing = [k for k in want if k not in w.model]
-                    raise StepconvError(f"internal audit: {w.path} is missing {_names(missing)}")
-                w.finish(args)
-                summary.bytes_written += w.bytes_written
-                summary.tensors += sum(v is not None for v in w.model.values())
-        if heads is not None:
-            incomplete = heads.close()
-            if incomplete:
-                raise StepconvError(f"internal audit: MTP heads not fully written: {_names(incomplete)}")
-            summary.bytes_written += heads.bytes_written
-            summary.notes.append(f"{len(side)} MTP shared_head.output tensor(s) have no Megatron slot (MTP shares "
-                                 f"output_layer); kept bit-exact in {SIDECAR}/{MTP_HEADS} for mcore-to-hf")
+    with staging(out, overwrite, resume=resume) as tmp:
+        journal = Journal(tmp, fingerprint)
+        if resume:
+            journal.load()
+        todo, consumed, skipped = [], Counter(), 0
+        for u in units:
+            done = journal.done.get(u.name)
+            if done and all((tmp / o).exists() for o in u.outputs):
+                consumed.update(done["consumed"])
+                skipped += 1
+            else:
+                todo.append(u)
+        lock = threading.Lock()
+
+        def run(u: Unit):
+            c, written, tensors = _run_unit(u, ckpt, tmp, lay, args, padded, target, progress, lock)
+            journal.complete(u, c)
+            return c, written, tensors
+
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for c, written, tensors in pool.map(run, todo):
+                consumed.update(c)
+                summary.bytes_written += written
+                summary.tensors += tensors
         # every element of every source tensor consumed exactly once, judged against the files, not the plan
         wrong = sorted(f"{n} ({consumed[n]}/{i.nbytes // i.dtype.itemsize} elements)" for n, i in ckpt.tensors.items()
                        if consumed[n] != i.nbytes // i.dtype.itemsize)
         if wrong or set(consumed) - set(ckpt.tensors):
             raise StepconvError(f"audit failed, not publishing: source tensors not consumed exactly once: {_names(wrong)}")
+        expected = rank_keys(entries, lay)
         write_tracker(tmp, "release")
         copy_files(ckpt.extra_files(), tmp / SIDECAR / "hf_files")
         (tmp / SIDECAR / "config.json").write_text(json.dumps(cfg.raw, indent=2) + "\n")
@@ -246,12 +375,24 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                     "padded_vocab_size": padded, "rank_files": {rank_dir_name(t, p, e, pp, ep): len(expected[(t, p, e)])
                                                                 for (t, p, e) in lay.ranks()}}
         (tmp / SIDECAR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        summary.files = tp * pp * ep + (1 if heads else 0)
+        (tmp / Journal.NAME).unlink(missing_ok=True)
+        summary.files = sum(len(u.outputs) for u in units)
     summary.bytes_read = ckpt.bytes_read
     summary.seconds = time.time() - t0
+    if cfg.num_mtp:
+        summary.notes.append(f"{cfg.num_mtp} MTP shared_head.output tensor(s) have no Megatron slot (MTP shares "
+                             f"output_layer); kept bit-exact in {SIDECAR}/{MTP_HEADS} for mcore-to-hf")
     if padded != cfg.vocab:
         summary.notes.append(f"vocab {cfg.vocab} padded to {padded} (make_vocab_size_divisible_by 128 x TP {tp})")
+    summary.notes.append(f"{workers} worker thread(s) within --max-memory {budget / 2**30:.1f} GiB "
+                         f"(largest working set {biggest / 2**20:.0f} MiB)"
+                         + (f"; resumed, {skipped} of {len(units)} unit(s) already complete" if resume else ""))
     return summary
+
+
+def _config_dtype(cfg: Step35Config) -> torch.dtype:
+    return SAFETENSORS_DTYPES.get({"bfloat16": "BF16", "float32": "F32", "float16": "F16"}.get(
+        str(cfg.raw.get("torch_dtype", "bfloat16")), "BF16"))
 
 
 # --- Megatron -> HF --------------------------------------------------------------------------
@@ -324,8 +465,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
 
     # output tensors, in HF order, with their original dtypes
     src_dtypes = meta.get("source_dtypes") or {}
-    default = SAFETENSORS_DTYPES.get({"bfloat16": "BF16", "float32": "F32", "float16": "F16"}.get(
-        str(cfg.raw.get("torch_dtype", "bfloat16")), "BF16"))
+    default = _config_dtype(cfg)
     infos = []
     for name, shape in hf_shapes(cfg).items():
         if name in src_dtypes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -111,6 +112,7 @@ class HFCheckpoint:
         self._data_start: dict[str, int] = {}  # file -> byte offset of the data area
         self._offsets: dict[str, int] = {}  # tensor -> byte offset inside the data area
         self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
         self.bytes_read = 0
         self._scan()
 
@@ -156,9 +158,10 @@ class HFCheckpoint:
 
     def _read_rows(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of dim 0, read with pread into a fresh buffer."""
-        fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
+        with self._lock:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(self.path / info.file, os.O_RDONLY)
         rows = info.shape[0] if info.shape else 1
         row_bytes = info.nbytes // rows if rows else 0
         n = (hi - lo) * row_bytes
@@ -170,7 +173,8 @@ class HFCheckpoint:
             if got <= 0:
                 raise StepconvError(f"{self.path / info.file}: truncated while reading {info.name}")
             pos += got
-        self.bytes_read += n
+        with self._lock:
+            self.bytes_read += n
         t = torch.frombuffer(buf, dtype=info.dtype) if n else torch.empty(0, dtype=info.dtype)
         return t.view(hi - lo, *info.shape[1:]) if info.shape else t.view(())
 
@@ -264,7 +268,7 @@ def write_index(out: Path, shards: Sequence[Sequence[TensorInfo]]) -> None:
                                                  indent=2) + "\n")
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, option: str = "--max-shard-size") -> int:
     """'5GB' -> bytes (decimal units, like transformers' max_shard_size)."""
     s = text.strip().upper().replace(" ", "")
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
@@ -277,7 +281,7 @@ def parse_size(text: str) -> int:
                 break
     if s.isdigit():
         return int(s)
-    raise StepconvError(f"--max-shard-size {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+    raise StepconvError(f"{option} {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
 
 
 def copy_files(files: Iterable[Path], dest: Path) -> None:

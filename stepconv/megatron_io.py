@@ -88,7 +88,8 @@ class RankFileWriter:
     def __init__(self, path: Path):
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._zip = torch._C.PyTorchFileWriter(str(path))
+        self._tmp = path.with_name(path.name + ".tmp")  # renamed to `path` only once complete
+        self._zip = torch._C.PyTorchFileWriter(str(self._tmp))
         self.model: OrderedDict[str, Any] = OrderedDict()
         self.bytes_written = 0
 
@@ -116,6 +117,7 @@ class RankFileWriter:
         self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         self._zip.write_end_of_file()
         del self._zip
+        os.replace(self._tmp, self.path)
 
 
 def _dumps(obj: Any) -> bytes:
