@@ -21,7 +21,7 @@ from . import __version__, layout as L
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError
 from .hf_io import (HFCheckpoint, SafetensorsWriter, TensorInfo, copy_files, parse_size, plan_shards, shard_name,
                     write_index, _names)
-from .mapping import MTP_BLOCK, MTP_BLOCK_ALIASES, Entry, Layout, hf_shapes, plan, rank_keys
+from .mapping import Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
 from .megatron_io import (RANK_FILE, RankFileWriter, iteration_dir_name, load_rank_file, rank_dir_name, read_tracker,
                           release_pages, write_tracker)
@@ -396,17 +396,6 @@ def _config_dtype(cfg: Step35Config) -> torch.dtype:
 
 
 # --- Megatron -> HF --------------------------------------------------------------------------
-def _detect_spec(keys: Sequence[str]) -> str:
-    return "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in keys) else "local"
-
-
-def _detect_mtp_block(keys: Sequence[str]) -> str:
-    for alias in MTP_BLOCK_ALIASES:
-        if any(f".{alias}." in k for k in keys):
-            return alias
-    return MTP_BLOCK
-
-
 def _args_layout(args, path: Path) -> Layout:
     try:
         return Layout(int(args.tensor_model_parallel_size), int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
@@ -454,9 +443,9 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     meta = getattr(args, "stepconv", None) or {}
     cfg.validate_parallel(tp, pp, ep)
     keys0 = list(first["model"])
-    spec = _detect_spec(keys0)
+    spec = detect_spec(keys0)
     last_keys = keys0 if pp == 1 else list(load_rank_file(itdir / rank_dir_name(0, pp - 1, 0, pp, ep) / RANK_FILE)["model"])
-    mtp_block = _detect_mtp_block(last_keys)
+    mtp_block = detect_mtp_block(last_keys)
     entries = plan(cfg, lay, spec, mtp_block)
     expected = rank_keys(entries, lay)
     out = Path(out_dir) if out_dir else root.with_name(root.name + "-hf")

@@ -308,6 +308,12 @@ class HFReference:
 
     __call__ = forward
 
+    @torch.no_grad()
+    def mtp_logits(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        """MTP layer k's own head (shared_head.norm then .output) applied to a block output [B, S, H]."""
+        head = self.mtp[k].shared_head
+        return head.output(head.norm(hidden)).float()
+
     def _mtp_forward(self, input_ids, h, embed) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 

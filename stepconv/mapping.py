@@ -87,6 +87,18 @@ MTP_BLOCK = "transformer_layer"  # megatron-core 0.16 name; >= 0.17 state_dict()
 MTP_BLOCK_ALIASES = ("transformer_layer", "mtp_model_layer")
 
 
+def detect_spec(keys) -> str:
+    """TE fuses the input norm into linear_qkv; the local spec keeps input_layernorm."""
+    return "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in keys) else "local"
+
+
+def detect_mtp_block(keys) -> str:
+    for alias in MTP_BLOCK_ALIASES:
+        if any(f".{alias}." in k for k in keys):
+            return alias
+    return MTP_BLOCK
+
+
 @dataclass(frozen=True)
 class Layout:
     tp: int = 1
@@ -215,4 +227,25 @@ def hf_shapes(cfg: Step35Config) -> dict[str, tuple[int, ...]]:
     out["model.norm.weight"] = (H,)
     if not cfg.tied:
         out["lm_head.weight"] = (V, H)
+    return out
+
+
+def respec_state_dict(sd: dict, cfg: Step35Config, layout: Layout, stage: int, ep_rank: int, *,
+                      src: str, dst: str, src_mtp: str = MTP_BLOCK, dst_mtp: str = MTP_BLOCK) -> dict:
+    """One rank's state dict renamed from spec `src` to spec `dst` (TE <-> local): tensors kept,
+    `_extra_state` entries made what `dst` expects (None). Used to run a TE-spec checkpoint on the
+    local spec (CPU) and to read megatron >= 0.17 `mtp_model_layer` names."""
+    def keyed(spec: str, mtp: str) -> tuple[list[Entry], list[Entry]]:
+        es = [e for e in plan(cfg, layout, spec, mtp) if e.pp == stage and (e.ep is None or e.ep == ep_rank)]
+        return [e for e in es if e.kind not in ("extra", "sidecar")], [e for e in es if e.kind == "extra"]
+
+    a, _ = keyed(src, src_mtp)
+    b, b_extra = keyed(dst, dst_mtp)
+    out = {}
+    for x, y in zip(a, b):
+        if x.key not in sd:
+            raise StepconvError(f"rank file (stage {stage}, EP rank {ep_rank}) lacks {x.key} for spec {src}")
+        out[y.key] = sd[x.key]
+    for e in b_extra:
+        out[e.key] = None
     return out

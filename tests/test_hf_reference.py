@@ -253,13 +253,15 @@ def test_bf16(ref_out, cfg):
     ids = torch.randint(0, cfg["vocab_size"], (2, SEQ), generator=torch.Generator().manual_seed(1234))
     out = ref16.forward(ids)
     assert out["logits"].dtype == torch.float32 and out["hidden_states"][1].dtype == torch.bfloat16
-    # bf16 noise can flip a near-tied top-2 routing choice (this input has one at layer 2, position 3; it then
-    # spreads through the window), so compare robustly: median of per-position max error, and mean error.
+    # bf16 noise can flip a near-tied routing choice, which then spreads through the window, so compare
+    # robustly and relative to the logits' scale: median per-position error, and cosine.
+    from stepconv.verify import compare_logits
+
     for key in ("logits", "mtp_logits"):
         a, b = (out[key], ref_out[key]) if key == "logits" else (out[key][0], ref_out[key][0])
         per_pos = (a - b).abs().amax(-1)
-        assert per_pos.median() < 0.1, per_pos
-        assert (a - b).abs().mean() < 0.05
+        assert per_pos.median() < 0.02 * b.abs().max(), per_pos
+        assert compare_logits(b, a).cosine > 0.999
 
 
 def _copy_fixture(tmp_path: Path) -> Path:

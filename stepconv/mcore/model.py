@@ -46,7 +46,7 @@ from megatron.core.transformer.transformer_layer import (
 
 from . import hfconfig
 from .hfconfig import Step35LayerInfo
-from .runtime import cpu_tensor_cuda_is_identity
+from .runtime import compat_patches, cpu_tensor_cuda_is_identity
 from .modules import (
     Step35CoreAttention,
     Step35RMSNorm,
@@ -93,6 +93,11 @@ def build_transformer_config(hf_config: dict, *, params_dtype: torch.dtype = tor
         raise NotImplementedError("only the sigmoid router is implemented")
     if cfg.get("sink"):
         raise NotImplementedError("attention sinks")
+    if cfg.get("moe_layers_enum") and int(cfg.get("moe_top_k", 2)) == 1:
+        # megatron does not renormalise a single sigmoid score (HF divides it by itself)
+        raise NotImplementedError("moe_top_k == 1")
+    if cfg.get("moe_layers_enum") and not cfg.get("use_moe_router_bias", True):
+        raise NotImplementedError("use_moe_router_bias=False (HF then routes with a different function)")
     L = int(cfg["num_hidden_layers"])
     moe = hfconfig.moe_layer_set(cfg)
     n_mtp = hfconfig.num_mtp_layers(cfg)
@@ -156,7 +161,10 @@ def build_transformer_config(hf_config: dict, *, params_dtype: torch.dtype = tor
     if "head_wise_attn_gate" in _tf_fields():
         kw["head_wise_attn_gate"] = True
     kw.update(config_overrides or {})
-    return TransformerConfig(**kw)
+    config = TransformerConfig(**kw)
+    if config.sequence_parallel or config.context_parallel_size != 1:
+        raise NotImplementedError("sequence/context parallelism (attention assumes the full sequence per rank)")
+    return config
 
 
 def layer_transformer_config(base: TransformerConfig, info: Step35LayerInfo) -> TransformerConfig:
@@ -361,6 +369,7 @@ def build_step35_model(hf_config: dict, *, pre_process: Optional[bool] = None,
     """
     if spec != "local":
         raise NotImplementedError(f"spec={spec!r}: only the local (non-TE) spec is implemented")
+    compat_patches()
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:

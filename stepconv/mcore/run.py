@@ -26,11 +26,17 @@ START_METHODS = ("spawn", "forkserver")
 
 
 def _rank_entry(rank: int, world: int, tp: int, pp: int, ep: int, port: int, device: str,
-                threads: int, fn: Callable, args: tuple, kwargs: dict, result_dir: str) -> None:
+                threads: int, result_dir: str) -> None:
     t0 = time.perf_counter()
     if device == "cpu":
+        if torch.cuda.is_available():
+            raise RuntimeError("device='cpu' rank sees CUDA (fork server started elsewhere without "
+                               "CUDA_VISIBLE_DEVICES=''?); use start_method='spawn'")
         torch.set_num_threads(threads)
     from .runtime import destroy_parallel, init_parallel
+
+    with open(os.path.join(result_dir, "payload.pkl"), "rb") as f:
+        fn, args, kwargs = pickle.load(f)
 
     init_parallel(rank, world, tp, pp, ep, port, backend="gloo" if device == "cpu" else "nccl")
     try:
@@ -60,7 +66,8 @@ def run_ranks(fn: Callable, *args: Any, tp: int = 1, pp: int = 1, ep: int = 1,
               port: Optional[int] = None, **kwargs: Any) -> list:
     """Run ``fn(*args, **kwargs)`` on ``tp*pp*ep`` local ranks, each with torch.distributed and
     megatron's parallel_state initialised (data-parallel size = ep); return the per-rank results
-    (pickled; ordered by global rank). ``fn`` must be importable by the child processes.
+    (pickled; ordered by global rank). ``fn`` must be importable by the child processes; ``args`` and
+    ``kwargs`` are pickled once to a temporary file that every rank reads.
 
     ``start_method``: "spawn" (default), or "forkserver", which imports torch/megatron once in a
     fork server that persists for this process (rank start-up then costs ~0.2 s instead of seconds;
@@ -81,15 +88,17 @@ def run_ranks(fn: Callable, *args: Any, tp: int = 1, pp: int = 1, ep: int = 1,
         threads_per_rank = max(1, (os.cpu_count() or 1) // world)
     env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" and torch.cuda.is_available() else {}
     if start_method == "forkserver":
-        if env:
-            raise ValueError("start_method='forkserver' with device='cpu' on a CUDA machine: use spawn")
+        # (on a CUDA machine the server, if started here, inherits CUDA_VISIBLE_DEVICES="" below)
         import multiprocessing
 
         multiprocessing.get_context("forkserver").set_forkserver_preload(
             ["torch", "stepconv.mcore.model", "stepconv.mcore.run"])
     with tempfile.TemporaryDirectory(prefix="stepconv_mcore_") as rd, _env(**env):
-        mp.start_processes(_rank_entry, args=(world, tp, pp, ep, port or free_port(), device, threads_per_rank,
-                                              fn, args, kwargs, rd),
+        # (fn, args, kwargs) go through a plain pickle file rather than the process arguments: tensors in
+        # process arguments are shared through one file descriptor each, which the fork server caps.
+        with open(os.path.join(rd, "payload.pkl"), "wb") as f:
+            pickle.dump((fn, args, kwargs), f, protocol=pickle.HIGHEST_PROTOCOL)
+        mp.start_processes(_rank_entry, args=(world, tp, pp, ep, port or free_port(), device, threads_per_rank, rd),
                            nprocs=world, join=True, start_method=start_method)
         out = []
         for r in range(world):

@@ -23,6 +23,25 @@ def _noop(*_args, **_kwargs):
     return None
 
 
+_COMPAT_PATCHED = False
+
+
+def compat_patches() -> None:
+    """Patches needed whenever TransformerEngine is absent, CPU or GPU (idempotent).
+
+    megatron-core 0.16.x imports ``te_general_gemm`` inside a ``try`` without an ``else`` fallback, so the
+    MoE router GEMM raises NameError without TE (fixed upstream on main: ``te_general_gemm = None``).
+    """
+    global _COMPAT_PATCHED
+    if _COMPAT_PATCHED:
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+    _COMPAT_PATCHED = True
+
+
 def cpu_patches() -> bool:
     """Apply the in-process patches megatron-core needs on a machine without CUDA.
 
@@ -34,10 +53,11 @@ def cpu_patches() -> bool:
     - ``torch.cuda.synchronize`` -> no-op (dist-checkpoint preload, timers).
     - inference RNG tracker: ``get_cuda_rng_tracker().fork()`` becomes a no-op context (there is no
       CUDA RNG to fork; dropout is 0 for inference anyway).
-    - ``moe_utils.te_general_gemm = None`` when TransformerEngine is absent (0.16.1 lacks the fallback
-      and raises NameError in the router GEMM).
+    - ``compat_patches()``: ``moe_utils.te_general_gemm = None`` when TransformerEngine is absent
+      (0.16.1 lacks the fallback and raises NameError in the router GEMM; also needed on GPU).
     """
     global _PATCHED
+    compat_patches()
     if torch.cuda.is_available():
         return False
     if _PATCHED:
@@ -48,11 +68,6 @@ def cpu_patches() -> bool:
     from megatron.core.tensor_parallel import random as tp_random
 
     tp_random.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
-
-    from megatron.core.transformer.moe import moe_utils
-
-    if not hasattr(moe_utils, "te_general_gemm"):
-        moe_utils.te_general_gemm = None
     _PATCHED = True
     return True
 
@@ -94,6 +109,7 @@ def init_parallel(rank: int, world_size: int, tp: int = 1, pp: int = 1, ep: int 
     from megatron.core import parallel_state as ps
 
     cuda = torch.cuda.is_available() and backend != "gloo"
+    compat_patches()
     if not cuda:
         cpu_patches()
     if backend is None:
