@@ -88,6 +88,50 @@ def mcore_to_hf_cmd(
     typer.echo("\n".join(s.lines()))
 
 
+@app.command("verify")
+def verify_cmd(
+    hf_dir: Path = typer.Argument(..., help="The HF Step-3.5-Flash folder (the reference)."),
+    mcore_dir: Path = typer.Argument(..., help="The Megatron checkpoint converted from it."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (gate: max|logit diff| <= 1e-4, top-1 100%) or bf16 "
+                                                       "(gate: cosine >= 0.999, top-1 >= 99%)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence [default: 2 x sliding_window + 8, "
+                                                                  "so the window is exercised]."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Sequences [default: enough for 256 positions, min 2]."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Token ids instead of random ones: one "
+                                                                           "sequence per line, whitespace separated."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random token ids."),
+    iteration: Optional[str] = typer.Option(None, "--iteration", help="Megatron iteration or 'release' [default: latest]."),
+    window: Optional[str] = typer.Option(None, "--window-convention", help="Override the checkpoint's sliding-window "
+                                                                           "convention: hf or megatron."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Use the folder's own modeling_step3p5.py "
+                                                                              "as the HF reference."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+) -> None:
+    """Logit parity: the HF model vs the Megatron model (real megatron-core, TP x PP x EP processes).
+
+    Reports max/mean |logit diff|, cosine, KL(HF || Megatron), top-1/top-5 agreement, per-layer hidden-state
+    divergence and the MTP heads; exit 0 on pass, 1 on fail.
+
+    Example: stepconv verify Step-3.5-Flash/ Step-3.5-Flash-mcore/ --dtype bf16 --json verify.json
+    """
+    import os
+    import warnings
+
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")  # megatron-core's "TE/Apex not installed" chatter, per rank
+    warnings.simplefilter("ignore")
+    from .verify import verify, write_json
+
+    try:
+        r = verify(hf_dir, mcore_dir, dtype=dtype, batch=batch, seq_len=seq_len, prompt_file=prompt_file, seed=seed,
+                   iteration=iteration, trust_remote_code=trust_remote_code, window_convention=window)
+    except StepconvError as e:
+        _fail(e)
+    typer.echo(r.table())
+    if json_path:
+        write_json(r, json_path)
+    raise typer.Exit(0 if r.passed else 1)
+
+
 @app.command("compare")
 def compare_cmd(
     a: Path = typer.Argument(..., help="First HF folder."),

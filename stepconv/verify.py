@@ -150,7 +150,7 @@ class RankFiles:
 def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: str = "fp32", batch: int | None = None,
            seq_len: int | None = None, prompt_file: str | os.PathLike | None = None, seed: int = 0,
            iteration: str | None = None, trust_remote_code: bool = False,
-           window_convention: str | None = None) -> VerifyReport:
+           window_convention: str | None = None, device: str | None = None) -> VerifyReport:
     from .hf_reference import load_hf_reference
     from .mcore.run import megatron_forward
 
@@ -167,6 +167,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
         window_convention = (getattr(args, "stepconv", None) or {}).get("sliding_window_convention") or getattr(
             args, "step35_window_convention", "hf")
     torch_dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+    device = device or ("cuda" if torch.cuda.is_available() and torch.cuda.device_count() >= tp * pp * ep else "cpu")
 
     if prompt_file is not None:
         ids = read_prompt_file(prompt_file)
@@ -190,7 +191,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
     keys = list(load_rank_file(itdir / rank_dir_name(0, pp - 1, 0, pp, ep) / RANK_FILE)["model"])
     loader = RankFiles(itdir, cfg.raw, lay, detect_spec(keys), detect_mtp_block(keys))
     mc = megatron_forward(loader, cfg.raw, ids, tp=tp, pp=pp, ep=ep, window_convention=window_convention,
-                          dtype=torch_dtype)
+                          dtype=torch_dtype, start_method="forkserver", device=device)
     t_mc = time.time() - t1
 
     logits = compare_logits(hf["logits"], mc["logits"][..., :cfg.vocab])
