@@ -1,29 +1,22 @@
-"""Legacy megatron checkpoint files (``--ckpt-format torch``): names and per-rank loading.
+"""Per-rank state dicts for the Megatron runner: from a checkpoint folder, a mapping or a callable.
 
-Layout (megatron.training ``get_checkpoint_name``): ``<root>/<release|iter_NNNNNNN>/mp_rank_TT``
-+ ``_PPP`` if pp > 1 + ``_EEE`` if ep > 1, each holding ``model_optim_rng.pt`` = dict with ``model``
-(the rank's state dict) and ``args`` (argparse.Namespace). No megatron imports here.
+File names and loading are stepconv.megatron_io's (one implementation of the legacy format).
 """
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Callable, Union
 
-import torch
+from ..megatron_io import RANK_FILE, TRACKER, iteration_dir_name, load_rank_file
+from ..megatron_io import rank_dir_name as _rank_dir_name
 
-CKPT_BASENAME = "model_optim_rng.pt"
+CKPT_BASENAME = RANK_FILE
 
 
 def rank_dir_name(tp_rank: int, pp_rank: int, ep_rank: int, *, pp: int, ep: int) -> str:
-    name = f"mp_rank_{tp_rank:02d}"
-    if pp > 1:
-        name += f"_{pp_rank:03d}"
-    if ep > 1:
-        name += f"_{ep_rank:03d}"
-    return name
+    return _rank_dir_name(tp_rank, pp_rank, ep_rank, pp, ep)
 
 
 def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
@@ -33,10 +26,10 @@ def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
     ``release/``) or the ``release``/``iter_*`` directory itself.
     """
     p = Path(path)
-    tracker = p / "latest_checkpointed_iteration.txt"
+    tracker = p / TRACKER
     if tracker.is_file():
         tag = tracker.read_text().strip()
-        sub = p / ("release" if tag == "release" else f"iter_{int(tag):07d}")
+        sub = p / iteration_dir_name(tag if tag == "release" else int(tag))
         if sub.is_dir():
             return sub
     if (p / "release").is_dir():
@@ -46,25 +39,10 @@ def resolve_checkpoint_dir(path: Union[str, Path]) -> Path:
     raise FileNotFoundError(f"no megatron legacy checkpoint (mp_rank_* folders) under {p}")
 
 
-def load_checkpoint_file(path: Union[str, Path]) -> dict:
-    """``torch.load(weights_only=True)`` with argparse.Namespace allowed (and megatron-core's
-    own safe globals as a fallback for files written by megatron training)."""
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except Exception:  # pragma: no cover - only for files with richer `args`
-            try:
-                from megatron.core.safe_globals import SAFE_GLOBALS
-            except Exception:
-                raise
-            with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-                return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def load_rank_state_dict(path: Union[str, Path], tp_rank: int, pp_rank: int, ep_rank: int, *,
                          pp: int, ep: int) -> dict:
-    f = resolve_checkpoint_dir(path) / rank_dir_name(tp_rank, pp_rank, ep_rank, pp=pp, ep=ep) / CKPT_BASENAME
-    return load_checkpoint_file(f)["model"]
+    f = resolve_checkpoint_dir(path) / rank_dir_name(tp_rank, pp_rank, ep_rank, pp=pp, ep=ep) / RANK_FILE
+    return dict(load_rank_file(f)["model"])
 
 
 class CheckpointDirLoader:
