@@ -39,6 +39,32 @@ def test_round_trip_is_bit_exact(tmp_path, fixture_dir, fixture_tensors, tp, pp,
     assert (h / "generation_config.json").exists() and (h / "model.safetensors.index.json").exists()
 
 
+def test_round_trip_at_tp8(tmp_path):
+    """TP=8 needs 8 query groups: a fixture variant with 8 groups, 8 full and 16 sliding heads."""
+    from conftest import make_fixture
+
+    hf = make_fixture.make_checkpoint(tmp_path / "hf", groups=8, heads=8, sliding_heads=16)
+    src = load_hf(hf)
+    for tp, ep in ((8, 1), (8, 2)):
+        m, h = tmp_path / f"m{tp}{ep}", tmp_path / f"h{tp}{ep}"
+        hf_to_mcore(hf, m, tp=tp, ep=ep)
+        mcore_to_hf(m, h)
+        back = load_hf(h)
+        assert set(back) == set(src) and all(bit_equal(back[n], src[n]) for n in src)
+
+
+def test_rank_files_load_under_megatron_safe_globals_only(tmp_path, fixture_dir):
+    """What Megatron-LM's loader does: torch.load(weights_only=True) with megatron-core's allowlist."""
+    from megatron.core.safe_globals import SAFE_GLOBALS
+
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=2, pp=2, ep=2)
+    for f in (m / "release").glob("mp_rank_*/model_optim_rng.pt"):
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+        assert set(obj) == {"model", "args", "checkpoint_version", "iteration"}
+
+
 def test_layout_files_and_args(tmp_path, fixture_dir):
     m = tmp_path / "m"
     hf_to_mcore(fixture_dir, m, tp=2, pp=2, ep=2, spec="local")
