@@ -468,6 +468,8 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     use_sidecar = bool(head_names) and sidecar_file.exists() and str(meta.get("iteration")) == it
     summary = Summary("mcore-to-hf", root, out, lay, spec)
     v = cfg.vocab
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(sum(i.nbytes for i in infos))
 
     with staging(out, overwrite) as tmp:
         writers: dict[str, SafetensorsWriter] = {}
@@ -483,6 +485,8 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
             tensor = tensor.to(info[name].dtype)
             off = 0 if index is None else index * tensor.numel() * tensor.element_size()
             writers[name].write(name, off, tensor)
+            if progress:
+                progress(tensor.numel() * tensor.element_size(), name)
 
         for stage in range(pp):
             models = {}
@@ -517,8 +521,6 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                     for name in head_names:
                         put(name, merged[0])
                 summary.bytes_read += sum(s.numel() * s.element_size() for s in parts)
-                if progress:
-                    progress(sum(s.numel() * s.element_size() for s in parts), entry.key)
                 for s in parts:
                     release_pages(s)
             del models

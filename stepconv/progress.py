@@ -1,4 +1,8 @@
-"""Progress reporting: a rich bar on a terminal, plain lines otherwise, nothing with --quiet."""
+"""Progress reporting: a rich bar on a terminal, plain lines otherwise, nothing with --quiet.
+
+The reporter is a callable `report(nbytes, what)`; `report.set_total(n)` lets a conversion that only
+learns its size after reading the checkpoint (mcore-to-hf) turn on the percentage and ETA.
+"""
 
 from __future__ import annotations
 
@@ -22,27 +26,33 @@ def progress(total: int, label: str, *, quiet: bool = False) -> Iterator[Report 
         with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
                       TimeRemainingColumn(), transient=True) as bar:
             task = bar.add_task(label, total=total or None)
-            yield lambda n, what: bar.update(task, advance=n)
-        return
-    done, last, t0 = 0, 0.0, time.time()
 
-    def report(n: int, what: str) -> None:
-        nonlocal done, last
-        done += n
-        now = time.time()
-        if now - last >= 5:
-            last = now
-            line(now)
+            def advance(n: int, what: str) -> None:
+                bar.update(task, advance=n)
+
+            advance.set_total = lambda n: bar.update(task, total=n)  # type: ignore[attr-defined]
+            yield advance
+        return
+    state = {"done": 0, "total": total, "last": time.time()}
+    t0 = state["last"]
 
     def line(now: float) -> None:
+        done, tot = state["done"], state["total"]
         rate = done / max(now - t0, 1e-9) / 1e6
-        if total:
-            eta = (total - done) / (rate * 1e6) if rate > 0 else 0.0
-            print(f"{label}: {100.0 * done / total:5.1f}% {done / 1e9:.2f}/{total / 1e9:.2f} GB {rate:.0f} MB/s "
+        if tot:
+            eta = (tot - done) / (rate * 1e6) if rate > 0 else 0.0
+            print(f"{label}: {100.0 * done / tot:5.1f}% {done / 1e9:.2f}/{tot / 1e9:.2f} GB {rate:.0f} MB/s "
                   f"eta {eta:.0f}s", file=sys.stderr, flush=True)
         else:
             print(f"{label}: {done / 1e9:.2f} GB {rate:.0f} MB/s", file=sys.stderr, flush=True)
 
-    last = t0
+    def report(n: int, what: str) -> None:
+        state["done"] += n
+        now = time.time()
+        if now - state["last"] >= 5:
+            state["last"] = now
+            line(now)
+
+    report.set_total = lambda n: state.__setitem__("total", n)  # type: ignore[attr-defined]
     yield report
     line(time.time())
