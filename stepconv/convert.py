@@ -24,9 +24,10 @@ from .hf_io import (HFCheckpoint, SafetensorsWriter, TensorInfo, copy_files, par
 from .mapping import Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
 from .megatron_io import (RANK_FILE, RankFileWriter, iteration_dir_name, load_rank_file, rank_dir_name, read_tracker,
-                          release_pages, write_tracker)
+                          mapped_range, release_range, write_tracker)
 
 SIDECAR = "stepconv"
+RELEASE_EVERY = 64 << 20  # bytes read from mapped rank files between releases of their pages
 MTP_HEADS = "mtp_heads.safetensors"
 Progress = Callable[[int, str], None]
 
@@ -503,6 +504,8 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                                             + ("; " if miss and unexp else "")
                                             + (f"unexpected {_names(unexp)}" if unexp else ""))
                     models[(t, p)] = m
+            ranges = [mapped_range(m) for m in models.values()]
+            touched = 0
             for entry in (e for e in entries if e.pp == stage):
                 if entry.kind in ("extra", "sidecar"):
                     continue
@@ -520,9 +523,13 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                 if entry.key == "output_layer.weight" and head_names and not use_sidecar:
                     for name in head_names:
                         put(name, merged[0])
-                summary.bytes_read += sum(s.numel() * s.element_size() for s in parts)
-                for s in parts:
-                    release_pages(s)
+                nbytes = sum(s.numel() * s.element_size() for s in parts)
+                summary.bytes_read += nbytes
+                touched += nbytes
+                if touched >= RELEASE_EVERY:
+                    for lo, hi in ranges:
+                        release_range(lo, hi)
+                    touched = 0
             del models
         if head_names:
             if use_sidecar:

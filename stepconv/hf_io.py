@@ -227,12 +227,15 @@ class SafetensorsWriter:
         info = self.infos[name]
         if chunk.dtype != info.dtype:
             chunk = chunk.to(info.dtype)
-        data = chunk.contiguous().view(torch.uint8).numpy().tobytes() if chunk.numel() else b""
-        if byte_offset + len(data) > info.nbytes:
-            raise StepconvError(f"internal: chunk overflows {name} ({byte_offset}+{len(data)} > {info.nbytes})")
-        os.pwrite(self.fd, data, self.data_start + self.offsets[name] + byte_offset)
-        self.written[name] += len(data)
-        self.bytes_written += len(data)
+        data = memoryview(chunk.contiguous().view(torch.uint8).numpy()).cast("B") if chunk.numel() else b""
+        n = len(data)
+        if byte_offset + n > info.nbytes:
+            raise StepconvError(f"internal: chunk overflows {name} ({byte_offset}+{n} > {info.nbytes})")
+        pos, start = 0, self.data_start + self.offsets[name] + byte_offset
+        while pos < n:  # pwrite may write less than asked (large chunks)
+            pos += os.pwrite(self.fd, data[pos:], start + pos)
+        self.written[name] += n
+        self.bytes_written += n
 
     def close(self) -> list[str]:
         """Close and return the names whose byte count is not exactly their size (empty when complete)."""
