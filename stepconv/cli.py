@@ -132,6 +132,40 @@ def verify_cmd(
     raise typer.Exit(0 if r.passed else 1)
 
 
+@app.command("inspect")
+def inspect_cmd(
+    path: Path = typer.Argument(..., help="A HF folder (weights optional), a bare config.json, or a Megatron checkpoint."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size to plan for (HF input) [default: 1]."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline-parallel size to plan for (HF input) [default: 1]."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size to plan for (HF input) [default: 1]."),
+    spec: str = typer.Option("te", "--spec", help="te or local parameter names (HF input)."),
+    dtype: str = typer.Option("keep", "--dtype", help="keep, bf16 or fp32 (HF input)."),
+    full: bool = typer.Option(False, "--full", help="List every tensor, not one line per name pattern."),
+    iteration: Optional[str] = typer.Option(None, "--iteration", help="Megatron input: iteration or 'release'."),
+    hf_config: Optional[Path] = typer.Option(None, "--hf-config", help="Megatron input: Step-3.5 config.json when the "
+                                                                       "checkpoint carries none."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON here."),
+) -> None:
+    """The plan without writing anything: per-rank files with bytes and tensor counts, the HF <-> Megatron name
+    mapping, the estimated peak memory, and every validation error up front (exit 1 if any).
+
+    Example: stepconv inspect fixtures/step3p5-flash-config.json --tp 8 --ep 8
+    """
+    import json
+
+    from .inspect import inspect_path, render
+
+    try:
+        r = inspect_path(path, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, full=full, iteration=iteration,
+                         hf_config=hf_config)
+    except StepconvError as e:
+        _fail(e)
+    typer.echo(render(r))
+    if json_path:
+        json_path.write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
+    raise typer.Exit(0 if r.ok else 1)
+
+
 @app.command("compare")
 def compare_cmd(
     a: Path = typer.Argument(..., help="First HF folder."),
