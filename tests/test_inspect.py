@@ -1,0 +1,185 @@
+"""stepconv.inspect: the plan of a conversion, exact file sizes, name mapping and collected validation errors."""
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from conftest import ROOT, make_fixture
+from stepconv.convert import hf_to_mcore, mcore_to_hf
+from stepconv.inspect import compress, inspect_path, render
+from stepconv.megatron_io import load_rank_file
+from stepconv.config import Step35Config
+from stepconv.mapping import Layout, hf_shapes, plan
+
+REAL = ROOT / "fixtures" / "step3p5-flash-config.json"
+
+
+def _close(planned: int, actual: int) -> bool:
+    return abs(planned - actual) <= 0.01 * actual + 65536
+
+
+def test_real_config_tp8_ep8_plan():
+    t0 = time.time()
+    r = inspect_path(REAL, tp=8, ep=8)
+    text = render(r)
+    assert time.time() - t0 < 10
+    assert r.ok and r.planned and r.source_kind == "config"
+    assert sorted(f.name for f in r.rank_files) == sorted(
+        f"release/mp_rank_{t:02d}_{e:03d}/model_optim_rng.pt" for t in range(8) for e in range(8))
+    # 199.38 B params (spec section 2.3); 190.25 B of them in the 42 x 3 stacked expert tensors
+    assert r.model["params"] == 199_384_301_376
+    experts = 42 * 3 * 288 * 1280 * 4096
+    assert r.model["expert_params"] == experts
+    # rank files: experts once (EP- and TP-split); split tensors on each of the 8 EP ranks; replicated ones (norms,
+    # router, expert bias) on all 64 ranks; the 3 MTP output heads go to the sidecar; embedding and lm_head padded
+    # 128896 -> 129024 rows; the router expert bias is fp32
+    shapes = hf_shapes(Step35Config.from_file(REAL))
+    heads = 3 * 128896 * 4096
+    replicated = sum(_n(s) for n, s in shapes.items() if n.endswith(("norm.weight", "moe.gate.weight", "router_bias")))
+    split = r.model["params"] - experts - heads - replicated
+    pad = 2 * (129024 - 128896) * 4096
+    bias_extra = 42 * 288 * 2  # fp32 instead of bf16
+    want = 2 * experts + 8 * 2 * (split + pad) + 64 * (2 * replicated + bias_extra)
+    assert sum(f.data_bytes for f in r.rank_files) == want
+    assert 0 < r.total_rank_bytes - want < 1e-3 * want  # zip records and pickled state dicts (~1.3 MB per file)
+    assert r.sidecar_files[0].bytes > 2 * heads
+    # peak: 2 x the padded embedding shards together (1.06 GB) + 0.3 GB
+    assert r.peak_memory.largest_name == "model.embed_tokens.weight"
+    assert r.peak_memory.estimate_bytes == 2 * 129024 * 4096 * 2 + 300 * 10**6
+    assert "model.layers.{3..44}.moe.{gate,up}_proj.weight [288,1280,4096]x2 -> " \
+           "decoder.layers.{i}.mlp.experts.linear_fc1.weight{e} [320,4096]/rank" in text
+    assert "model.layers.{1..43 except 4..40 step 4}.self_attn.{q,k,v,g}_proj.weight" in text
+    assert "EP-split 36/rank" in text
+    assert len(text.splitlines()) < 120
+
+    r3 = inspect_path(REAL, tp=8, ep=8, pp=3)
+    assert r3.ok and len(r3.rank_files) == 192
+    assert {f.name.split("/")[1][:15] for f in r3.rank_files} >= {"mp_rank_00_000_", "mp_rank_07_002_"}
+    # PP only moves layers between files: the same data in total (plus one embedding copy per EP rank x TP on the
+    # MTP stage, as megatron-core builds it there too)
+    emb_copy = 8 * 129024 * 4096 * 2
+    assert sum(f.data_bytes for f in r3.rank_files) == want + emb_copy
+    assert time.time() - t0 < 20
+
+
+def test_invalid_layout_lists_every_error():
+    r = inspect_path(REAL, tp=16, ep=7, pp=4)
+    assert not r.ok and not r.planned and r.rank_files == []
+    assert len(r.errors) == 3
+    tp_err, pp_err, ep_err = r.errors
+    assert "valid values 1, 2, 4, 8; got 16" in tp_err
+    assert "valid values 1, 3, 5, 9, 15, 45; got 4" in pp_err
+    assert "valid values 1, 2, 3, 4, 6, 8, 9, 12" in ep_err and "got 7" in ep_err
+    text = render(r)
+    assert "3 error(s)" in text and "got 16" in text
+    assert r.mapping  # the name mapping is still shown (for TP=PP=EP=1)
+
+
+def test_sizes_equal_a_real_conversion(tmp_path, fixture_dir):
+    for tp, pp, ep, spec in ((2, 1, 2, "te"), (1, 2, 1, "local")):
+        out = tmp_path / f"m{tp}{pp}{ep}"
+        hf_to_mcore(fixture_dir, out, tp=tp, pp=pp, ep=ep, spec=spec)
+        r = inspect_path(fixture_dir, tp=tp, pp=pp, ep=ep, spec=spec)
+        assert r.ok and r.source_kind == "hf"
+        actual = sorted(str(p.relative_to(out)) for p in out.glob("release/*/model_optim_rng.pt"))
+        assert sorted(f.name for f in r.rank_files) == actual
+        for f in r.rank_files:
+            size = (out / f.name).stat().st_size
+            assert _close(f.bytes, size), (f.name, f.bytes, size)
+            model = load_rank_file(out / f.name)["model"]
+            assert f.keys == len(model)
+            assert f.tensors == sum(isinstance(v, torch.Tensor) for v in model.values())
+            assert f.data_bytes == sum(v.numel() * v.element_size() for v in model.values()
+                                       if isinstance(v, torch.Tensor))
+        side = out / r.sidecar_files[0].name
+        assert r.sidecar_files[0].bytes == side.stat().st_size
+
+
+def test_megatron_folder_input(tmp_path, fixture_dir):
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=2, ep=2)
+    r = inspect_path(m)
+    assert r.ok, r.errors
+    assert (r.direction, r.tp, r.pp, r.ep, r.spec) == ("mcore-to-hf", 2, 1, 2, "te")
+    assert len(r.rank_files) == 4 and all(_close(f.bytes, f.on_disk) for f in r.rank_files)
+    h = tmp_path / "h"
+    mcore_to_hf(m, h)
+    produced = sorted(h.glob("*.safetensors"))
+    assert [f.name for f in r.hf_files] == [p.name for p in produced]
+    assert [f.bytes for f in r.hf_files] == [p.stat().st_size for p in produced]
+    assert r.peak_memory is not None and "restored from stepconv/mtp_heads.safetensors" in " ".join(r.notes)
+    assert "mcore-to-hf, TP=2 PP=1 EP=2" in render(r)
+    # an iteration folder works too; a layout that disagrees with the args, and a missing rank, are errors
+    assert inspect_path(m / "release").ok
+    shutil.rmtree(m / "release" / "mp_rank_01_001")
+    bad = inspect_path(m, tp=4)
+    assert any("--tp 4 does not match the checkpoint (TP=2" in e for e in bad.errors)
+    assert any("1 rank file(s) missing" in e and "mp_rank_01_001" in e for e in bad.errors)
+    assert json.loads(json.dumps(bad.to_dict()))["ok"] is False
+
+
+def test_config_only_folder_matches_full_folder(tmp_path, fixture_dir):
+    d = tmp_path / "cfg"
+    d.mkdir()
+    shutil.copy(fixture_dir / "config.json", d / "config.json")
+    r = inspect_path(d, tp=2, ep=2)
+    full = inspect_path(fixture_dir, tp=2, ep=2)
+    assert r.ok and r.source_kind == "hf-config-only" and r.hf_files == []
+    assert [(f.name, f.bytes, f.tensors) for f in r.rank_files] == [(f.name, f.bytes, f.tensors)
+                                                                     for f in full.rank_files]
+    assert "config.json only" in render(r)
+    bare = inspect_path(d / "config.json", tp=2, ep=2)
+    assert bare.source_kind == "config" and bare.to_dict()["total_rank_bytes"] == r.total_rank_bytes
+
+
+def test_hf_tensor_errors_are_collected(tmp_path):
+    cfg = make_fixture.tiny_config()
+    t = make_fixture.make_tensors(cfg)
+    del t["model.layers.1.mlp.up_proj.weight"]
+    t["model.layers.1.mlp.extra.weight"] = torch.zeros(2, 2, dtype=torch.bfloat16)
+    t["model.layers.0.self_attn.g_proj.weight"] = torch.zeros(9, 64, dtype=torch.bfloat16)
+    make_fixture.write_checkpoint(tmp_path / "bad", cfg, t)
+    r = inspect_path(tmp_path / "bad", tp=3)
+    text = " | ".join(r.errors)
+    assert len(r.errors) == 4, r.errors
+    assert "got 3" in text and "missing" in text and "model.layers.1.mlp.up_proj.weight" in text
+    assert "model.layers.1.mlp.extra.weight" in text and "g_proj.weight [9, 64] (expected [8, 64])" in text
+
+
+def test_full_lists_every_tensor(fixture_dir):
+    r = inspect_path(fixture_dir, tp=2, pp=2, ep=2, full=True)
+    cfg_entries = [e for e in plan(_cfg(fixture_dir), Layout(2, 2, 2), "te") if e.kind != "extra"]
+    assert len(r.tensors) == len(cfg_entries)
+    text = render(r)
+    assert "mlp.experts.linear_fc1.weight3" in text and "expert 7" in text
+    json.dumps(r.to_dict())
+
+
+def test_not_found_and_bad_config(tmp_path):
+    r = inspect_path(tmp_path / "nope")
+    assert not r.ok and "not found" in r.errors[0]
+    (tmp_path / "c.json").write_text(json.dumps({"model_type": "llama"}))
+    r = inspect_path(tmp_path / "c.json")
+    assert not r.ok and "step3p5" in r.errors[0]
+
+
+def test_compress():
+    assert compress([3, 4, 5]) == "3..5"
+    assert compress(range(0, 45, 4)) == "0..44 step 4"
+    assert compress([i for i in range(1, 44) if i % 4]) == "1..43 except 4..40 step 4"
+    assert compress([2]) == "2"
+    assert compress([1, 5]) == "1,5"
+
+
+def _n(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _cfg(d: Path):
+    return Step35Config.from_file(d / "config.json")
