@@ -68,6 +68,31 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def pread_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, what: str) -> torch.Tensor:
+    """`nbytes` at `offset` into a new tensor (uninitialised buffer, filled by preadv; no zero-fill)."""
+    buf = torch.empty(nbytes, dtype=torch.uint8)
+    view, pos = memoryview(buf.numpy()), 0
+    while pos < nbytes:
+        got = os.preadv(fd, [view[pos:]], offset + pos)
+        if got <= 0:
+            raise StepconvError(f"{what}: truncated while reading")
+        pos += got
+    return buf.view(dtype)
+
+
+def read_safetensors_tensor(path: Path, name: str) -> torch.Tensor:
+    """One whole tensor of a safetensors file, read with pread (no lingering memory map)."""
+    header = read_safetensors_header(path)
+    if name not in header:
+        raise StepconvError(f"{path}: lacks {name}")
+    meta = header[name]
+    with open(path, "rb") as f:
+        start = 8 + struct.unpack("<Q", f.read(8))[0] + int(meta["data_offsets"][0])
+        n = int(meta["data_offsets"][1]) - int(meta["data_offsets"][0])
+        t = pread_tensor(f.fileno(), start, n, SAFETENSORS_DTYPES[meta["dtype"]], f"{path}: {name}")
+    return t.view(*meta["shape"])
+
+
 class LazyTensor:
     """One tensor of a safetensors file; indexing reads only the dim-0 rows asked for.
 
@@ -165,17 +190,10 @@ class HFCheckpoint:
         rows = info.shape[0] if info.shape else 1
         row_bytes = info.nbytes // rows if rows else 0
         n = (hi - lo) * row_bytes
-        buf = bytearray(n)
-        view, pos = memoryview(buf), 0
         start = self._data_start[info.file] + self._offsets[info.name] + lo * row_bytes
-        while pos < n:
-            got = os.preadv(fd, [view[pos:]], start + pos)
-            if got <= 0:
-                raise StepconvError(f"{self.path / info.file}: truncated while reading {info.name}")
-            pos += got
+        t = pread_tensor(fd, start, n, info.dtype, f"{self.path / info.file}: {info.name}")
         with self._lock:
             self.bytes_read += n
-        t = torch.frombuffer(buf, dtype=info.dtype) if n else torch.empty(0, dtype=info.dtype)
         return t.view(hi - lo, *info.shape[1:]) if info.shape else t.view(())
 
     def lazy(self, name: str) -> LazyTensor:

@@ -101,10 +101,11 @@ class RankFileWriter:
             return
         t = tensor.detach().contiguous()
         nbytes = t.numel() * t.element_size()
-        if t.storage_offset() or t.untyped_storage().nbytes() != nbytes:
-            t = t.clone()  # the record is the whole storage, as torch.save writes it
         ref = _StorageRef(str(len(self.model)), t.dtype, t.numel())
-        self._zip.write_record(f"data/{ref.key}", t.untyped_storage() if nbytes else b"", nbytes)
+        # the record holds exactly this tensor's bytes: a storage view of its own range, no copy
+        off = t.storage_offset() * t.element_size()
+        data = t.untyped_storage()[off:off + nbytes] if nbytes else b""
+        self._zip.write_record(f"data/{ref.key}", data, nbytes)
         self.bytes_written += nbytes
         self.model[key] = _TensorRef(ref, tuple(t.shape))
 
