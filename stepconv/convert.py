@@ -118,41 +118,32 @@ def check_hf_tensors(ckpt: HFCheckpoint) -> None:
         raise StepconvError(f"{ckpt.path}: non-float tensor(s) {_names(nonfloat)}; expected bf16/fp16/fp32 weights")
 
 
+def _replicate_merge(entry: Entry, shards: Sequence[torch.Tensor], vocab: int) -> tuple[torch.Tensor, ...]:
+    for r, s in enumerate(shards[1:], 1):
+        if not torch.equal(s, shards[0]):
+            raise StepconvError(f"{entry.key}: replicated tensor differs between TP rank 0 and TP rank {r}")
+    return (L.replicate_merge(shards),)
+
+
+# kind -> (split(entry, sources, tp, rank, padded_vocab) -> rank tensor, merge(entry, shards, vocab) -> HF tensors)
+TRANSFORMS: dict[str, tuple[Callable, Callable]] = {
+    "replicate": (lambda e, s, tp, r, pv: L.replicate_split(s[0], tp, r), _replicate_merge),
+    "column": (lambda e, s, tp, r, pv: L.column_split(s[0], tp, r), lambda e, sh, v: (L.column_merge(sh),)),
+    "row": (lambda e, s, tp, r, pv: L.row_split(s[0], tp, r), lambda e, sh, v: (L.row_merge(sh),)),
+    "vocab": (lambda e, s, tp, r, pv: L.vocab_split(s[0], tp, r, pv), lambda e, sh, v: (L.vocab_merge(sh, v),)),
+    "swiglu": (lambda e, s, tp, r, pv: L.swiglu_split(s[0], s[1], tp, r), lambda e, sh, v: L.swiglu_merge(sh)),
+    "qkvg": (lambda e, s, tp, r, pv: L.qkvg_split(*s, e.attn, tp, r), lambda e, sh, v: L.qkvg_merge(sh, e.attn)),
+}
+TRANSFORMS["expert_fc1"] = TRANSFORMS["swiglu"]  # one expert's [gate; up], read as one slice of each stack
+TRANSFORMS["expert_fc2"] = TRANSFORMS["row"]
+
+
 def split_entry(entry: Entry, srcs: Sequence[L.Sliceable], tp: int, rank: int, padded_vocab: int) -> torch.Tensor:
-    k = entry.kind
-    if k == "replicate":
-        return L.replicate_split(srcs[0], tp, rank)
-    if k == "column":
-        return L.column_split(srcs[0], tp, rank)
-    if k in ("row", "expert_fc2"):
-        return L.row_split(srcs[0], tp, rank)
-    if k == "vocab":
-        return L.vocab_split(srcs[0], tp, rank, padded_vocab)
-    if k in ("swiglu", "expert_fc1"):
-        return L.swiglu_split(srcs[0], srcs[1], tp, rank)
-    if k == "qkvg":
-        return L.qkvg_split(*srcs, entry.attn, tp, rank)
-    raise StepconvError(f"internal: no split for kind {k}")
+    return TRANSFORMS[entry.kind][0](entry, srcs, tp, rank, padded_vocab)
 
 
 def merge_entry(entry: Entry, shards: Sequence[torch.Tensor], vocab: int) -> tuple[torch.Tensor, ...]:
-    k = entry.kind
-    if k == "replicate":
-        for r, s in enumerate(shards[1:], 1):
-            if not torch.equal(s, shards[0]):
-                raise StepconvError(f"{entry.key}: replicated tensor differs between TP rank 0 and TP rank {r}")
-        return (L.replicate_merge(shards),)
-    if k == "column":
-        return (L.column_merge(shards),)
-    if k in ("row", "expert_fc2"):
-        return (L.row_merge(shards),)
-    if k == "vocab":
-        return (L.vocab_merge(shards, vocab),)
-    if k in ("swiglu", "expert_fc1"):
-        return L.swiglu_merge(shards)
-    if k == "qkvg":
-        return L.qkvg_merge(shards, entry.attn)
-    raise StepconvError(f"internal: no merge for kind {k}")
+    return TRANSFORMS[entry.kind][1](entry, shards, vocab)
 
 
 def _read_sources(ckpt: HFCheckpoint, entry: Entry) -> list[torch.Tensor]:
@@ -195,8 +186,8 @@ def _units(ckpt: HFCheckpoint, entries: list[Entry], lay: Layout) -> list[Unit]:
             es = [e for e in entries if e.pp == stage and e.kind != "sidecar" and (e.ep is None or e.ep == p)]
             outs = [f"release/{rank_dir_name(t, stage, p, lay.pp, lay.ep)}/{RANK_FILE}" for t in range(lay.tp)]
             units.append(Unit(f"stage {stage} ep {p}", stage, p, es, outs))
-    for u in units:  # the largest source read, its TP shards, and the next entry's sources read ahead
-        u.peak_bytes = 3 * max((_entry_source_bytes(ckpt, e) for e in u.entries), default=0)
+    for u in units:  # the entry being split and its TP shards, plus the batch read ahead (at worst one such entry)
+        u.peak_bytes = 3 * max((_entry_source_bytes(ckpt, e) for e in u.entries), default=0) + 2 * READ_AHEAD_BYTES
     return units
 
 
@@ -247,22 +238,38 @@ def default_max_memory() -> int:
         return 8 << 30
 
 
+READ_AHEAD_BYTES = 32 << 20  # sources read per batch on the reader thread
+
+
 def _read_ahead(ckpt: HFCheckpoint, entries: Sequence[Entry]) -> Iterator[tuple[Entry, list[torch.Tensor]]]:
-    """Yield (entry, its source tensors) while a second thread already reads the next entry's sources,
-    so disk reads overlap the splitting and writing (one extra entry's sources in memory)."""
-    def load(e: Entry) -> list[torch.Tensor]:
-        return [] if e.kind == "extra" else _read_sources(ckpt, e)
+    """Yield (entry, its source tensors) while a second thread reads the next batch of entries' sources,
+    so disk reads overlap the splitting and writing. Batches (up to READ_AHEAD_BYTES, or one larger
+    entry) keep the thread hand-off off the per-expert hot path; two batches are in memory at most."""
+    batches: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        n = 0 if e.kind == "extra" else _entry_source_bytes(ckpt, e)
+        if batches[-1] and size + n > READ_AHEAD_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(e)
+        size += n
+
+    def load(batch: list[Entry]) -> list[list[torch.Tensor]]:
+        return [[] if e.kind == "extra" else _read_sources(ckpt, e) for e in batch]
 
     if not entries:
         return
     with ThreadPoolExecutor(max_workers=1) as reader:
-        nxt = reader.submit(load, entries[0])
-        for i, entry in enumerate(entries):
-            srcs = nxt.result()
-            if i + 1 < len(entries):
-                nxt = reader.submit(load, entries[i + 1])
-            yield entry, srcs
-            del srcs
+        nxt = reader.submit(load, batches[0])
+        for i, batch in enumerate(batches):
+            loaded = nxt.result()
+            if i + 1 < len(batches):
+                nxt = reader.submit(load, batches[i + 1])
+            for k, entry in enumerate(batch):
+                srcs, loaded[k] = loaded[k], None
+                yield entry, srcs
+                del srcs
 
 
 def _run_unit(unit: Unit, ckpt: HFCheckpoint, root: Path, lay: Layout, args, padded: int,

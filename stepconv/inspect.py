@@ -37,6 +37,7 @@ SIDECAR = "stepconv"
 MTP_HEADS = "mtp_heads.safetensors"
 FIXED_OVERHEAD = 300 * 10**6  # interpreter, torch, the plan, I/O buffers (the CLI on the tiny fixture peaks at 0.24 GB)
 PEAK_FORMULA = "2 x largest tensor materialised at once + 0.3 GB"
+PEAK_FORMULA_IMPORT = "3 x largest tensor materialised at once + 64 MB read-ahead + 0.3 GB"
 _TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
@@ -575,12 +576,16 @@ def _peak(entries, want, src_dtypes, lay: Layout, cfg, out_dtype, units: int, jo
         if n > best:
             best = n
             best_name = " + ".join(e.hf) + (f" (expert {e.expert})" if e.expert is not None else "")
-    est = 2 * best + FIXED_OVERHEAD
-    if direction == "hf-to-mcore":  # convert.hf_to_mcore runs one (PP stage, EP rank) unit per worker thread
+    if direction == "hf-to-mcore":
+        # convert.hf_to_mcore runs one (PP stage, EP rank) unit per worker thread; each also reads the
+        # next batch of sources ahead (convert.READ_AHEAD_BYTES, at worst one more such entry)
+        from .convert import READ_AHEAD_BYTES
+
         workers = max(1, min(jobs or os.cpu_count() or 1, units))
-    else:
-        workers = 1
-    return PeakMemory(PEAK_FORMULA, best_name, best, est, workers, workers * 2 * best + FIXED_OVERHEAD)
+        per_worker = 3 * best + 2 * READ_AHEAD_BYTES
+        return PeakMemory(PEAK_FORMULA_IMPORT, best_name, best, per_worker + FIXED_OVERHEAD, workers,
+                          workers * per_worker + FIXED_OVERHEAD)
+    return PeakMemory(PEAK_FORMULA, best_name, best, 2 * best + FIXED_OVERHEAD, 1, 2 * best + FIXED_OVERHEAD)
 
 
 # --- name mapping -----------------------------------------------------------------------------
