@@ -64,6 +64,21 @@ class Step35Config:
         return cfg
 
     @classmethod
+    def from_megatron_args(cls, args: Any, where: str, hf_config: str | Path | None = None) -> "Step35Config":
+        """The config a Megatron checkpoint carries (args.step35_config), or `hf_config` when given."""
+        if hf_config is not None:
+            return cls.from_file(hf_config)
+        if isinstance(getattr(args, "step35_config", None), dict):
+            return cls.from_dict(args.step35_config, source=f"{where}: args.step35_config")
+        raise StepconvError(f"{where}: args carry no Step-3.5 config (not written by stepconv); "
+                            f"pass --hf-config path/to/config.json")
+
+    def torch_dtype(self) -> torch.dtype:
+        """config.json's torch_dtype (bf16 when absent or unknown)."""
+        return {"float32": torch.float32, "float16": torch.float16}.get(str(self.raw.get("torch_dtype")),
+                                                                        torch.bfloat16)
+
+    @classmethod
     def from_file(cls, path: str | Path) -> "Step35Config":
         path = Path(path)
         try:

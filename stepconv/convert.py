@@ -24,7 +24,8 @@ from .hf_io import (HFCheckpoint, SafetensorsWriter, TensorInfo, copy_files, par
                     read_safetensors_tensor, shard_name, write_index, _names)
 from .mapping import Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
-from .megatron_io import (RANK_FILE, RankFileWriter, iteration_dir_name, load_rank_file, rank_dir_name, read_tracker,
+from .megatron_io import (RANK_FILE, RankFileWriter, iteration_dir_name, load_rank_file, rank_dir_name, rank_dir_problems,
+                          read_tracker,
                           mapped_range, release_range, write_tracker)
 
 SIDECAR = "stepconv"
@@ -357,7 +358,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     _check_distinct(ckpt.path, out)
 
     target = DTYPES.get(dtype)
-    params_dtype = target or _config_dtype(cfg)
+    params_dtype = target or cfg.torch_dtype()
     source_dtypes = {n: DTYPE_NAMES[i.dtype] for n, i in ckpt.tensors.items()}
     meta = {"version": __version__, "spec": spec, "dtype": dtype, "source_dtypes": source_dtypes,
             "iteration": "release", "mtp_heads": MTP_HEADS if cfg.num_mtp else None,
@@ -429,11 +430,6 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     return summary
 
 
-def _config_dtype(cfg: Step35Config) -> torch.dtype:
-    return SAFETENSORS_DTYPES.get({"bfloat16": "BF16", "float32": "F32", "float16": "F16"}.get(
-        str(cfg.raw.get("torch_dtype", "bfloat16")), "BF16"))
-
-
 # --- Megatron -> HF --------------------------------------------------------------------------
 def _args_layout(args, path: Path) -> Layout:
     try:
@@ -464,21 +460,10 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     args = first.get("args")
     lay = _args_layout(args, itdir / rank_dirs[0] / RANK_FILE)
     tp, pp, ep = lay.tp, lay.pp, lay.ep
-    want_dirs = [rank_dir_name(t, p, e, pp, ep) for (t, p, e) in lay.ranks()]
-    missing = [d for d in want_dirs if not (itdir / d / RANK_FILE).exists()]
-    if missing:
-        raise StepconvError(f"{itdir}: {len(missing)} rank file(s) missing for {lay}: {_names(missing)}")
-    extra = sorted(set(rank_dirs) - set(want_dirs))
-    if extra:
-        raise StepconvError(f"{itdir}: unexpected rank folder(s) for {lay} (from args): {_names(extra)}")
-
-    if hf_config is not None:
-        cfg = Step35Config.from_file(hf_config)
-    elif isinstance(getattr(args, "step35_config", None), dict):
-        cfg = Step35Config.from_dict(args.step35_config, source=f"{itdir}: args.step35_config")
-    else:
-        raise StepconvError(f"{itdir}: args carry no Step-3.5 config (not written by stepconv); "
-                            f"pass --hf-config path/to/config.json")
+    problems = rank_dir_problems(itdir, tp, pp, ep)
+    if problems:
+        raise StepconvError(problems[0])
+    cfg = Step35Config.from_megatron_args(args, str(itdir), hf_config)
     meta = getattr(args, "stepconv", None) or {}
     cfg.validate_parallel(tp, pp, ep)
     keys0 = list(first["model"])
@@ -493,7 +478,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
 
     # output tensors, in HF order, with their original dtypes
     src_dtypes = meta.get("source_dtypes") or {}
-    default = _config_dtype(cfg)
+    default = cfg.torch_dtype()
     infos = []
     for name, shape in hf_shapes(cfg).items():
         if name in src_dtypes:

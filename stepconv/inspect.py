@@ -30,15 +30,15 @@ from . import __version__
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError
 from .hf_io import INDEX_NAME, WEIGHT_SUFFIXES, HFCheckpoint, TensorInfo, _header_bytes, parse_size, \
     plan_shards, shard_name
-from .mapping import MTP_BLOCK, MTP_BLOCK_ALIASES, Entry, Layout, hf_shapes, plan
-from .megatron_io import RANK_FILE, TRACKER, iteration_dir_name, load_rank_file, rank_dir_name, read_tracker
+from .mapping import Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan
+from .megatron_io import (RANK_FILE, TRACKER, iteration_dir_name, load_rank_file, rank_dir_name, rank_dir_problems,
+                          read_tracker)
 
 SIDECAR = "stepconv"
 MTP_HEADS = "mtp_heads.safetensors"
 FIXED_OVERHEAD = 300 * 10**6  # interpreter, torch, the plan, I/O buffers (the CLI on the tiny fixture peaks at 0.24 GB)
 PEAK_FORMULA = "2 x largest tensor materialised at once + 0.3 GB"
 PEAK_FORMULA_IMPORT = "3 x largest tensor materialised at once + 64 MB read-ahead + 0.3 GB"
-_TORCH_DTYPE = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -200,7 +200,7 @@ def _inspect_hf(p: Path, *, tp, pp, ep, spec, dtype, full, jobs) -> InspectRepor
                 rep.errors.append(str(e))
                 rep.source_kind = "hf-config-only"
     want = hf_shapes(cfg)
-    default = _TORCH_DTYPE.get(str(cfg.raw.get("torch_dtype", "bfloat16")), torch.bfloat16)
+    default = cfg.torch_dtype()
     src_dtypes = {n: (torch.float32 if n.endswith("router_bias") else default) for n in want}
     if have is None:
         rep.notes.append(f"no weights: dtypes from config torch_dtype ({DTYPE_NAMES[default]}), "
@@ -333,31 +333,19 @@ def _inspect_mcore(root: Path, *, tp, pp, ep, spec, full, iteration, hf_config, 
         if given is not None and given != have:
             rep.errors.append(f"{name} {given} does not match the checkpoint ({name[2:].upper()}={have} in its args); "
                               f"mcore-to-hf takes the layout from the checkpoint")
-    want_dirs = [rank_dir_name(t, p, e, lay.pp, lay.ep) for (t, p, e) in lay.ranks()]
-    missing = [d for d in want_dirs if not (itdir / d / RANK_FILE).exists()]
-    if missing:
-        rep.errors.append(f"{itdir}: {len(missing)} rank file(s) missing for {lay}: {_names(missing)}")
-    extra = sorted(set(rank_dirs) - set(want_dirs))
-    if extra:
-        rep.errors.append(f"{itdir}: unexpected rank folder(s) for {lay} (from args): {_names(extra)}")
+    rep.errors += rank_dir_problems(itdir, lay.tp, lay.pp, lay.ep)
     try:
-        if hf_config is not None:
-            cfg = Step35Config.from_file(hf_config)
-        elif isinstance(getattr(args, "step35_config", None), dict):
-            cfg = Step35Config.from_dict(args.step35_config, source=f"{itdir}: args.step35_config")
-        else:
-            raise StepconvError(f"{itdir}: args carry no Step-3.5 config (not written by stepconv); "
-                                f"pass hf_config (--hf-config path/to/config.json)")
+        cfg = Step35Config.from_megatron_args(args, str(itdir), hf_config)
     except StepconvError as e:
         rep.errors.append(str(e))
         return rep
     model0 = first["model"]
     keys0 = list(model0)
-    detected = "te" if any(k.endswith("linear_qkv.layer_norm_weight") for k in keys0) else "local"
+    detected = detect_spec(keys0)
     if spec not in (None, "te") and spec != detected:  # "te" is the default, not a claim about this folder
         rep.errors.append(f"--spec {spec} does not match the checkpoint (its keys are the {detected} spec)")
     rep.spec = detected
-    mtp_block = next((a for a in MTP_BLOCK_ALIASES if any(f".{a}." in k for k in keys0)), MTP_BLOCK)
+    mtp_block = detect_mtp_block(keys0)
     meta = getattr(args, "stepconv", None) or {}
     rep.dtype = str(meta.get("dtype", "keep"))
     if not _validate(cfg, lay.tp, lay.pp, lay.ep, rep.errors):
@@ -376,7 +364,7 @@ def _inspect_mcore(root: Path, *, tp, pp, ep, spec, full, iteration, hf_config, 
 
     want = hf_shapes(cfg)
     src_names = meta.get("source_dtypes") or {}
-    default = _TORCH_DTYPE.get(str(cfg.raw.get("torch_dtype", "bfloat16")), torch.bfloat16)
+    default = cfg.torch_dtype()
     hf_dtypes = {n: SAFETENSORS_DTYPES[src_names[n]] if n in src_names else
                  (torch.float32 if n.endswith("router_bias") else default) for n in want}
     rep.model = _model_summary(cfg, want, hf_dtypes)

@@ -197,6 +197,22 @@ def release_range(lo: int, hi: int) -> None:
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_DONTNEED)
 
 
+def rank_dir_problems(itdir: Path, tp: int, pp: int, ep: int) -> list[str]:
+    """Missing rank files and unexpected rank folders for a TP x PP x EP layout, as error lines."""
+    want = [rank_dir_name(t, p, e, pp, ep) for p in range(pp) for e in range(ep) for t in range(tp)]
+    have = sorted(p.name for p in itdir.iterdir() if p.name.startswith("mp_rank_"))
+    lay = f"TP={tp} PP={pp} EP={ep}"
+    out = []
+    missing = [d for d in want if not (itdir / d / RANK_FILE).exists()]
+    if missing:
+        shown = ", ".join(missing[:8]) + (f", ... ({len(missing) - 8} more)" if len(missing) > 8 else "")
+        out.append(f"{itdir}: {len(missing)} rank file(s) missing for {lay}: {shown}")
+    extra = sorted(set(have) - set(want))
+    if extra:
+        out.append(f"{itdir}: unexpected rank folder(s) for {lay} (from args): {', '.join(extra[:8])}")
+    return out
+
+
 def read_tracker(root: Path) -> str:
     f = root / TRACKER
     if not f.exists():
