@@ -26,7 +26,7 @@ def test_column_row_replicate_roundtrip(tp):
     assert all(torch.equal(a, b) for a, b in zip(again, shards))
 
 
-@pytest.mark.parametrize("tp,vocab", itertools.product(TPS, [1100, 1024, 1]))
+@pytest.mark.parametrize("tp,vocab", list(itertools.product(TPS, [1100, 1024, 1])))
 def test_vocab_roundtrip_pads_with_zero_rows(tp, vocab):
     t = rnd(vocab, 8)
     padded = -(-vocab // (128 * tp)) * 128 * tp
@@ -123,3 +123,11 @@ def test_expert_view_slices_lazily_like_a_2d_tensor():
     ev = L.ExpertView(stack, 2)
     assert ev.shape == (6, 5)
     assert torch.equal(ev[1:3], stack[2, 1:3]) and torch.equal(ev[:, 2:4], stack[2, :, 2:4])
+
+
+def test_every_table_kind_has_one_split_merge_pair():
+    from stepconv.convert import TRANSFORMS
+    from stepconv.mapping import RULES
+
+    kinds = {r.kind for r in RULES} - {"extra", "sidecar"}
+    assert kinds <= set(TRANSFORMS), kinds - set(TRANSFORMS)
