@@ -185,3 +185,32 @@ def test_export_reads_checkpoint_without_stepconv_metadata_given_hf_config(tmp_p
     assert all(bit_equal(back[n], fixture_tensors[n]) for n in fixture_tensors if "shared_head.output" not in n)
     assert torch.equal(back["model.layers.4.transformer.shared_head.output.weight"], fixture_tensors["lm_head.weight"])
     assert any("set to output_layer" in n for n in s.notes)
+
+
+def test_export_reads_newer_megatron_naming_and_te_extra_states(tmp_path, fixture_dir, fixture_tensors):
+    """megatron-core >= 0.17 names the MTP block `mtp_model_layer`; newer TE saves `_extra_state` for norms too."""
+    m, h = tmp_path / "m", tmp_path / "h"
+    hf_to_mcore(fixture_dir, m, tp=2, spec="te")
+    for f in (m / "release").glob("mp_rank_*/model_optim_rng.pt"):
+        obj = load_rank_file(f)
+        sd = {k.replace(".transformer_layer.", ".mtp_model_layer."): (v.clone() if v is not None else None)
+              for k, v in obj["model"].items()}
+        sd["decoder.final_layernorm._extra_state"] = None
+        del sd["decoder.layers.0.self_attention.core_attention._extra_state"]
+        torch.save({**obj, "model": sd}, f)
+    mcore_to_hf(m, h)
+    back = load_hf(h)
+    assert all(bit_equal(back[n], fixture_tensors[n]) for n in fixture_tensors)
+
+
+def test_export_refuses_a_missing_weight(tmp_path, fixture_dir):
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=2, spec="local")
+    f = m / "release" / "mp_rank_01" / "model_optim_rng.pt"
+    obj = load_rank_file(f)
+    sd = {k: (v.clone() if v is not None else None) for k, v in obj["model"].items()  # no views of the file we rewrite
+          if k != "decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight"}
+    torch.save({**obj, "model": sd}, f)
+    with pytest.raises(StepconvError, match="missing decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight"):
+        mcore_to_hf(m, tmp_path / "h")
+    assert not (tmp_path / "h").exists()
