@@ -70,6 +70,8 @@ def mcore_to_hf_cmd(
                                                                        "Megatron training run (no stepconv metadata)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB, 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Tensors merged and written at once, each on its own "
+                                                                  "thread [default: CPU count]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Convert Megatron legacy per-rank files back to a HF folder; TP/PP/EP come from the checkpoint.
@@ -82,7 +84,7 @@ def mcore_to_hf_cmd(
     try:
         with progress(0, "mcore-to-hf", quiet=quiet) as report:
             s = mcore_to_hf(mcore_dir, out, iteration=iteration, hf_config=hf_config, max_shard_size=max_shard_size,
-                            overwrite=overwrite, progress=report)
+                            overwrite=overwrite, jobs=jobs, progress=report)
     except StepconvError as e:
         _fail(e)
     typer.echo("\n".join(s.lines()))

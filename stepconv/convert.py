@@ -442,7 +442,7 @@ def _args_layout(args, path: Path) -> Layout:
 
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 iteration: str | int | None = None, hf_config: str | os.PathLike | None = None,
-                max_shard_size: str = "5GB", overwrite: bool = False,
+                max_shard_size: str = "5GB", overwrite: bool = False, jobs: int | None = None,
                 progress: Progress | None = None) -> Summary:
     t0 = time.time()
     fixed_mmap_threshold()
@@ -493,6 +493,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     use_sidecar = bool(head_names) and sidecar_file.exists() and str(meta.get("iteration")) == it
     summary = Summary("mcore-to-hf", root, out, lay, spec)
     v = cfg.vocab
+    workers = max(1, jobs or os.cpu_count() or 1)  # each holds one entry's TP shards and its merge
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(sum(i.nbytes for i in infos))
 
@@ -505,13 +506,15 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
             for t in shard:
                 writers[t.name] = w
         info = {i.name: i for i in infos}
+        progress_lock = threading.Lock()
 
         def put(name: str, tensor: torch.Tensor, index: int | None = None) -> None:
             tensor = tensor.to(info[name].dtype)
             off = 0 if index is None else index * tensor.numel() * tensor.element_size()
             writers[name].write(name, off, tensor)
             if progress:
-                progress(tensor.numel() * tensor.element_size(), name)
+                with progress_lock:
+                    progress(tensor.numel() * tensor.element_size(), name)
 
         for stage in range(pp):
             models = {}
@@ -532,17 +535,15 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                                             + (f"unexpected {_names(unexp)}" if unexp else ""))
                     models[(t, p)] = m
             ranges = [mapped_range(m) for m in models.values()]
-            touched = 0
-            for entry in (e for e in entries if e.pp == stage):
-                if entry.kind in ("extra", "sidecar"):
-                    continue
-                if entry.key == "embedding.word_embeddings.weight" and stage != 0:
-                    continue  # the MTP stage's copy of the embedding
+            touched = [0]
+            lock = threading.Lock()
+
+            def export(entry: Entry, models=models, ranges=ranges, touched=touched, lock=lock, stage=stage) -> int:
                 p = entry.ep if entry.ep is not None else 0
                 parts = [models[(t, p)][entry.key] for t in range(tp)]
                 for t, s in enumerate(parts):
-                    path = itdir / rank_dir_name(t, stage, p, pp, ep) / RANK_FILE
                     if not isinstance(s, torch.Tensor):
+                        path = itdir / rank_dir_name(t, stage, p, pp, ep) / RANK_FILE
                         raise StepconvError(f"{path}: {entry.key} is {type(s).__name__}, expected a tensor")
                 merged = merge_entry(entry, parts, v)
                 for name, tensor in zip(entry.hf, merged):
@@ -551,12 +552,18 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
                     for name in head_names:
                         put(name, merged[0])
                 nbytes = sum(s.numel() * s.element_size() for s in parts)
-                summary.bytes_read += nbytes
-                touched += nbytes
-                if touched >= RELEASE_EVERY:
-                    for lo, hi in ranges:
-                        release_range(lo, hi)
-                    touched = 0
+                with lock:
+                    touched[0] += nbytes
+                    if touched[0] >= RELEASE_EVERY:
+                        for lo, hi in ranges:
+                            release_range(lo, hi)
+                        touched[0] = 0
+                return nbytes
+
+            todo = [e for e in entries if e.pp == stage and e.kind not in ("extra", "sidecar")
+                    and not (e.key == "embedding.word_embeddings.weight" and stage != 0)]  # skip the MTP stage's copy
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                summary.bytes_read += sum(pool.map(export, todo))
             del models
         if head_names:
             if use_sidecar:

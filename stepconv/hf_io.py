@@ -236,6 +236,7 @@ class SafetensorsWriter:
         self.data_start = len(head)
         self.offsets = offsets
         self.written: dict[str, int] = {t.name: 0 for t in tensors}
+        self._lock = threading.Lock()
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         os.pwrite(self.fd, head, 0)
         os.ftruncate(self.fd, self.data_start + sum(t.nbytes for t in tensors))
@@ -252,8 +253,9 @@ class SafetensorsWriter:
         pos, start = 0, self.data_start + self.offsets[name] + byte_offset
         while pos < n:  # pwrite may write less than asked (large chunks)
             pos += os.pwrite(self.fd, data[pos:], start + pos)
-        self.written[name] += n
-        self.bytes_written += n
+        with self._lock:  # chunks of one file may come from several threads
+            self.written[name] += n
+            self.bytes_written += n
 
     def close(self) -> list[str]:
         """Close and return the names whose byte count is not exactly their size (empty when complete)."""
