@@ -136,7 +136,7 @@ class Step35Config:
     def moe_layers(self) -> frozenset[int]:
         enum = self.raw.get("moe_layers_enum")
         if enum is None:
-            if not self.raw.get("use_moe", False):
+            if not (self.raw.get("use_moe") or self.num_experts):
                 return frozenset()
             return frozenset(range(1, self.num_layers))  # HF remote code's fallback
         if isinstance(enum, str):
@@ -145,12 +145,18 @@ class Step35Config:
 
     # --- per-layer geometry (index i: 0..L-1 main, L..L+M-1 MTP) --------------------------
     def layer_type(self, i: int) -> str:
-        return self.raw["layer_types"][i]
+        types = self.raw.get("layer_types")
+        if not types:
+            return "full_attention"
+        if i >= len(types):
+            raise StepconvError(f"config layer_types has {len(types)} entries, layer {i} requested")
+        return types[i]
 
     def attn(self, i: int) -> AttnShape:
         other = self.raw.get("attention_other_setting") or {}
         if other and self.layer_type(i) == other.get("attention_type"):
-            return AttnShape(int(other["num_attention_heads"]), int(other["num_attention_groups"]), int(other["head_dim"]))
+            return AttnShape(int(other["num_attention_heads"]), int(other["num_attention_groups"]),
+                             int(other.get("head_dim", self.raw["head_dim"])))
         return AttnShape(int(self.raw["num_attention_heads"]), int(self.raw["num_attention_groups"]),
                          int(self.raw["head_dim"]))
 
@@ -162,8 +168,7 @@ class Step35Config:
 
     # --- parallel layout -------------------------------------------------------------------
     def padded_vocab(self, tp: int, divisor: int = DEFAULT_VOCAB_DIVISOR) -> int:
-        m = divisor * tp
-        return -(-self.vocab // m) * m
+        return padded_vocab_size(self.vocab, tp, divisor)
 
     def validate_parallel(self, tp: int, pp: int, ep: int) -> None:
         """Reject layouts Megatron (with the fused head-wise gate) cannot express, listing valid values."""
@@ -275,6 +280,12 @@ class Step35Config:
     def attn_full(self) -> AttnShape:
         return AttnShape(int(self.raw["num_attention_heads"]), int(self.raw["num_attention_groups"]),
                          int(self.raw["head_dim"]))
+
+
+def padded_vocab_size(vocab: int, tp: int, divisor: int = DEFAULT_VOCAB_DIVISOR) -> int:
+    """megatron.training's `_vocab_size_with_padding`: a multiple of divisor x TP."""
+    m = divisor * tp
+    return -(-vocab // m) * m
 
 
 def _per_layer(v: Any, i: int) -> Any:

@@ -13,8 +13,9 @@ from typing import Optional
 
 import torch
 
+from ..config import Step35Config, padded_vocab_size  # noqa: F401  (one source for config facts)
+
 WINDOW_CONVENTIONS = ("hf", "megatron")
-DEFAULT_RMS_NORM_EPS = 1e-5  # absent from config.json; HF config-class default (spec 1.2)
 
 
 @dataclass(frozen=True)
@@ -55,37 +56,22 @@ def _per_layer(cfg: dict, key: str, i: int, default=None):
 
 def moe_layer_set(cfg: dict) -> set[int]:
     """HF/vLLM read only ``moe_layers_enum``; without it they fall back to range(1, num_hidden_layers)."""
-    enum = cfg.get("moe_layers_enum")
-    if enum is None:
-        return set(range(1, cfg["num_hidden_layers"])) if cfg.get("moe_num_experts") else set()
-    if isinstance(enum, str):
-        return {int(x) for x in enum.split(",") if x.strip()}
-    return {int(x) for x in enum}
+    return set(Step35Config(raw=cfg).moe_layers)
 
 
 def num_mtp_layers(cfg: dict) -> int:
-    return int(cfg.get("num_nextn_predict_layers") or 0)
+    return Step35Config(raw=cfg).num_mtp
 
 
 def rms_norm_eps(cfg: dict) -> float:
-    return float(cfg.get("rms_norm_eps", DEFAULT_RMS_NORM_EPS))
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """megatron.training ``_vocab_size_with_padding``: multiple of divisible_by * tp."""
-    m = divisible_by * tp
-    return int(math.ceil(vocab_size / m) * m)
+    return Step35Config(raw=cfg).eps
 
 
 def attention_shape(cfg: dict, i: int) -> tuple[str, int, int, int]:
     """(layer_type, num_heads, num_kv_groups, head_dim) of HF layer i."""
-    layer_type = _per_layer(cfg, "layer_types", i, "full_attention")
-    other = cfg.get("attention_other_setting") or {}
-    if other and layer_type == other.get("attention_type"):
-        return (layer_type, int(other["num_attention_heads"]), int(other["num_attention_groups"]),
-                int(other.get("head_dim", cfg["head_dim"])))
-    return (layer_type, int(cfg["num_attention_heads"]), int(cfg["num_attention_groups"]),
-            int(cfg["head_dim"]))
+    c = Step35Config(raw=cfg)
+    a = c.attn(i)
+    return (c.layer_type(i), a.heads, a.groups, a.head_dim)
 
 
 def layer_info(cfg: dict, i: int, window_convention: str = "hf") -> Step35LayerInfo:
