@@ -55,6 +55,9 @@ class Step35Config:
         if missing:
             raise StepconvError(f"{source}: missing required field(s) {', '.join(missing)}")
         cfg = cls(raw=raw)
+        if not cfg.head_wise_gate:
+            raise StepconvError(f"{source}: use_head_wise_attn_gate is {raw.get('use_head_wise_attn_gate')!r}; "
+                                f"Step-3.5-Flash's attention has a head-wise gate (g_proj), expected true")
         n = cfg.num_layers + cfg.num_mtp
         for key in ("layer_types", "rope_theta", "partial_rotary_factors", "swiglu_limits", "swiglu_limits_shared"):
             v = raw.get(key)
@@ -62,6 +65,11 @@ class Step35Config:
                 raise StepconvError(f"{source}: {key} has {len(v)} entries; expected {n} "
                                     f"(num_hidden_layers {cfg.num_layers} + num_nextn_predict_layers {cfg.num_mtp})")
         return cfg
+
+    @classmethod
+    def of(cls, cfg: "Step35Config | dict") -> "Step35Config":
+        """`cfg` itself, or the config of a config.json dict (APIs accept either)."""
+        return cfg if isinstance(cfg, Step35Config) else cls.from_dict(cfg)
 
     @classmethod
     def from_megatron_args(cls, args: Any, where: str, hf_config: str | Path | None = None) -> "Step35Config":
@@ -131,6 +139,101 @@ class Step35Config:
     @property
     def tied(self) -> bool:
         return bool(self.raw.get("tie_word_embeddings", False))
+
+    # --- model options, with one set of defaults -------------------------------------------------
+    # A key absent from config.json takes the default of StepFun's `Step3p5Config` (configuration_step3p5.py, as
+    # vLLM ships it), because that class is what reads the file for HF, vLLM and the remote code. The real
+    # checkpoint sets every one of them (fixtures/step3p5-flash-config.json).
+    @property
+    def router_activation(self) -> str:
+        return str(self.raw.get("moe_router_activation", "softmax"))
+
+    @property
+    def router_scaling(self) -> float:
+        return float(self.raw.get("moe_router_scaling_factor", 1.0) or 1.0)
+
+    @property
+    def router_bias(self) -> bool:
+        return bool(self.raw.get("use_moe_router_bias", True))
+
+    @property
+    def fp32_router(self) -> bool:
+        return bool(self.raw.get("need_fp32_gate", True))
+
+    @property
+    def top_k(self) -> int:
+        return int(self.raw.get("moe_top_k", 4))
+
+    @property
+    def norm_expert_weight(self) -> bool:
+        return bool(self.raw.get("norm_expert_weight", True))
+
+    @property
+    def head_wise_gate(self) -> bool:
+        return bool(self.raw.get("use_head_wise_attn_gate", False))
+
+    @property
+    def att_impl_type(self) -> str:
+        return str(self.raw.get("att_impl_type", "GQA"))
+
+    @property
+    def sink(self) -> bool:
+        return bool(self.raw.get("sink", False))
+
+    @property
+    def zero_centered(self) -> bool:
+        """Norm weights stored as gamma-1 (the HF modeling code applies 1+w unconditionally)."""
+        return bool(self.raw.get("zero_centered", True))
+
+    @property
+    def qk_norm(self) -> bool:
+        """The HF modeling code builds q_norm/k_norm whatever the flag says."""
+        return bool(self.raw.get("use_qk_norm", True))
+
+    @property
+    def sliding_window(self) -> int | None:
+        w = self.raw.get("sliding_window")
+        return int(w) if w else None
+
+    @property
+    def max_positions(self) -> int:
+        return int(self.raw.get("max_position_embeddings") or self.raw.get("max_seq_len") or 4096)
+
+    @property
+    def rope_scaling(self) -> dict:
+        return dict(self.raw.get("rope_scaling") or {})
+
+    @property
+    def yarn_only_types(self) -> tuple[str, ...]:
+        """Layer types that get `rope_scaling` (absent: none; Step-3.5 lists full_attention)."""
+        return tuple(self.raw.get("yarn_only_types") or ())
+
+    def per_layer(self, key: str, i: int, default: Any = None) -> Any:
+        """A per-layer list's entry i (or the scalar the key holds, or `default` when absent)."""
+        v = self.raw.get(key, default)
+        if v is None:
+            return default
+        if isinstance(v, (list, tuple)):
+            if i >= len(v):
+                raise StepconvError(f"config {key} has {len(v)} entries, layer {i} requested")
+            return v[i]
+        return v
+
+    def rope_theta(self, i: int) -> float:
+        return float(self.per_layer("rope_theta", i, 10000.0))
+
+    def rotary_factor(self, i: int) -> float:
+        return float(self.per_layer("partial_rotary_factors", i, 1.0) or 1.0)
+
+    def uses_rope(self, i: int) -> bool:
+        flags = self.raw.get("use_rope_layers") or []
+        return bool(flags[i]) if flags else True
+
+    def swiglu_limit(self, i: int) -> float:
+        return float(self.per_layer("swiglu_limits", i, 0.0) or 0.0)
+
+    def swiglu_limit_shared(self, i: int) -> float:
+        return float(self.per_layer("swiglu_limits_shared", i, 0.0) or 0.0)
 
     @property
     def moe_layers(self) -> frozenset[int]:
@@ -205,9 +308,9 @@ class Step35Config:
         """argparse.Namespace with Megatron-LM's own names, plus step35_* fields for what Megatron lacks."""
         base = self.attn(0) if self.layer_type(0) == "full_attention" else self.attn_full()
         full_i = next((i for i in range(self.num_layers) if self.layer_type(i) == "full_attention"), 0)
-        window = self.raw.get("sliding_window")
+        window = self.sliding_window
         has_sliding = any(self.layer_type(i) == "sliding_attention" for i in range(self.num_layers + self.num_mtp))
-        rope_scaling = self.raw.get("rope_scaling") or {}
+        rope_scaling = self.rope_scaling
         ns = argparse.Namespace(
             # model geometry
             num_layers=self.num_layers,
@@ -217,41 +320,41 @@ class Step35Config:
             num_query_groups=base.groups,
             group_query_attention=base.groups != base.heads,
             kv_channels=base.head_dim,
-            max_position_embeddings=int(self.raw.get("max_position_embeddings", 4096)),
-            seq_length=int(self.raw.get("max_position_embeddings", 4096)),
+            max_position_embeddings=self.max_positions,
+            seq_length=self.max_positions,
             position_embedding_type="rope",
-            rotary_base=float(_per_layer(self.raw.get("rope_theta", 10000.0), full_i)),
-            rotary_percent=float(_per_layer(self.raw.get("partial_rotary_factors", 1.0), full_i)),
+            rotary_base=self.rope_theta(full_i),
+            rotary_percent=self.rotary_factor(full_i),
             rotary_interleaved=False,
             use_rope_scaling=rope_scaling.get("rope_type") == "llama3",
             rope_scaling_factor=float(rope_scaling.get("factor", 1.0)),
             normalization="RMSNorm",
             norm_epsilon=self.eps,
-            apply_layernorm_1p=bool(self.raw.get("zero_centered", True)),
-            qk_layernorm=bool(self.raw.get("use_qk_norm", True)),
+            apply_layernorm_1p=self.zero_centered,
+            qk_layernorm=self.qk_norm,
             swiglu=True,
             untie_embeddings_and_output_weights=not self.tied,
             add_bias_linear=False,
             add_qkv_bias=False,
             attention_dropout=0.0,
             hidden_dropout=0.0,
-            head_wise_attn_gate=bool(self.raw.get("use_head_wise_attn_gate", True)),
+            head_wise_attn_gate=self.head_wise_gate,
             window_size=None if not (window and has_sliding) else
-            ((int(window) - 1, 0) if window_convention == "hf" else (int(window), 0)),
+            ((window - 1, 0) if window_convention == "hf" else (window, 0)),
             # vocab
             vocab_size=self.vocab,
             padded_vocab_size=self.padded_vocab(tp),
             make_vocab_size_divisible_by=DEFAULT_VOCAB_DIVISOR,
             # MoE
             num_experts=self.num_experts or None,
-            moe_router_topk=int(self.raw.get("moe_top_k", 1)),
+            moe_router_topk=self.top_k,
             moe_ffn_hidden_size=self.moe_ffn or None,
             moe_shared_expert_intermediate_size=self.shared_ffn or None,
             moe_layer_freq=[1 if self.is_moe(i) else 0 for i in range(self.num_layers)],
-            moe_router_score_function=str(self.raw.get("moe_router_activation", "softmax")),
-            moe_router_enable_expert_bias=bool(self.raw.get("use_moe_router_bias", False)),
-            moe_router_topk_scaling_factor=float(self.raw.get("moe_router_scaling_factor", 1.0)),
-            moe_router_dtype="fp32" if self.raw.get("need_fp32_gate", False) else None,
+            moe_router_score_function=self.router_activation,
+            moe_router_enable_expert_bias=self.router_bias,
+            moe_router_topk_scaling_factor=self.router_scaling,
+            moe_router_dtype="fp32" if self.fp32_router else None,
             moe_router_load_balancing_type="none",
             moe_grouped_gemm=spec == "te",
             moe_token_dispatcher_type="alltoall",
@@ -286,10 +389,6 @@ def padded_vocab_size(vocab: int, tp: int, divisor: int = DEFAULT_VOCAB_DIVISOR)
     """megatron.training's `_vocab_size_with_padding`: a multiple of divisor x TP."""
     m = divisor * tp
     return -(-vocab // m) * m
-
-
-def _per_layer(v: Any, i: int) -> Any:
-    return v[i] if isinstance(v, list) else v
 
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}

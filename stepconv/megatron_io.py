@@ -224,5 +224,37 @@ def read_tracker(root: Path) -> str:
     return text
 
 
-def iteration_dirs(root: Path) -> list[str]:
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and (p.name == "release" or re.fullmatch(r"iter_\d{7}", p.name)))
+_ITERATION_DIR = re.compile(r"release|iter_\d{7}")
+
+
+@dataclass(frozen=True)
+class IterationDir:
+    """One saved iteration of a Megatron checkpoint: `root/<release|iter_NNNNNNN>`."""
+
+    root: Path  # the checkpoint root (holds the tracker, and stepconv's sidecar folder)
+    iteration: str  # "release" or the iteration number as digits
+    path: Path  # the iteration folder
+
+
+def resolve_iteration(path: str | os.PathLike, iteration: str | int | None = None) -> IterationDir:
+    """The one way a user's Megatron path becomes an iteration folder (every command goes through here).
+
+    `path` is a checkpoint root (the iteration is `iteration`, else the tracker's) or an iteration folder
+    itself (`release` or `iter_NNNNNNN`; `iteration`, if given, must name it).
+    """
+    p = Path(path)
+    if not p.is_dir():
+        raise StepconvError(f"{p}: not a directory; expected a Megatron checkpoint folder")
+    if _ITERATION_DIR.fullmatch(p.name) and not (p / TRACKER).exists():
+        it = "release" if p.name == "release" else str(int(p.name[len("iter_"):]))
+        if iteration is not None and str(iteration).lstrip("0") != it.lstrip("0") and str(iteration) != it:
+            raise StepconvError(f"{p}: is iteration {it}, but --iteration {iteration} was given")
+        return IterationDir(p.parent, it, p)
+    it = str(iteration).strip() if iteration is not None else read_tracker(p)
+    if it != "release" and not it.isdigit():
+        raise StepconvError(f"--iteration {it!r}: expected an iteration number or 'release'")
+    itdir = p / iteration_dir_name(it if it == "release" else int(it))
+    if not itdir.is_dir():
+        have = sorted(d.name for d in p.iterdir() if d.is_dir() and _ITERATION_DIR.fullmatch(d.name))
+        raise StepconvError(f"{itdir}: iteration folder not found (available: {', '.join(have) or 'none'})")
+    return IterationDir(p, it if it == "release" else str(int(it)), itdir)
