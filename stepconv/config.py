@@ -19,6 +19,13 @@ class StepconvError(Exception):
     """A user-facing error: one line, names what is wrong and what would be valid."""
 
 
+def names_text(names, limit: int = 8) -> str:
+    """The first `limit` names of a list for an error line, and how many more there are."""
+    names = list(names)
+    shown = ", ".join(names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
 MODEL_TYPE = "step3p5"
 DEFAULT_EPS = 1e-5
 DEFAULT_VOCAB_DIVISOR = 128
@@ -274,33 +281,39 @@ class Step35Config:
         return padded_vocab_size(self.vocab, tp, divisor)
 
     def validate_parallel(self, tp: int, pp: int, ep: int) -> None:
-        """Reject layouts Megatron (with the fused head-wise gate) cannot express, listing valid values."""
-        for name, v in (("--tp", tp), ("--pp", pp), ("--ep", ep)):
-            if v < 1:
-                raise StepconvError(f"{name} must be >= 1, got {v}")
+        """Reject layouts Megatron (with the fused head-wise gate) cannot express, naming the valid values."""
+        problems = self.parallel_problems(tp, pp, ep)
+        if problems:
+            raise StepconvError(problems[0])
+
+    def parallel_problems(self, tp: int, pp: int, ep: int) -> list[str]:
+        """One line per invalid dimension (TP, PP, EP in that order), each listing the valid values."""
+        out = [f"{name} must be >= 1, got {v}" for name, v in (("--tp", tp), ("--pp", pp), ("--ep", ep)) if v < 1]
+        if out:
+            return out
         shapes = sorted(self.attn_shapes(), key=lambda s: (s.heads, s.groups))
         heads = sorted({s.heads for s in shapes})
         groups = sorted({s.groups for s in shapes})
         ok_tp = [t for t in range(1, max(groups) + 1)
                  if all(g % t == 0 for g in groups) and all(h % t == 0 for h in heads)]
+        ffns = [f for f in [self.ffn] + ([self.moe_ffn, self.shared_ffn] if self.moe_layers else []) if f]
         if tp not in ok_tp:
             what = " and ".join([f"{'/'.join(map(str, groups))} query groups", f"{'/'.join(map(str, heads))} heads"])
-            raise StepconvError(f"--tp must divide {what} (the head-wise gate needs query groups >= TP): "
-                                f"valid values {', '.join(map(str, ok_tp))}; got {tp}")
-        ffns = [self.ffn] + ([self.moe_ffn, self.shared_ffn] if self.moe_layers else [])
-        for f in ffns:
-            if f and f % tp:
-                raise StepconvError(f"--tp {tp} must divide the FFN width {f}")
+            out.append(f"--tp must divide {what} (the head-wise gate needs query groups >= TP): "
+                       f"valid values {', '.join(map(str, ok_tp))}; got {tp}")
+        elif any(f % tp for f in ffns):
+            out.append(f"--tp {tp} must divide the FFN width {next(f for f in ffns if f % tp)}")
         ok_pp = [p for p in range(1, self.num_layers + 1) if self.num_layers % p == 0]
         if pp not in ok_pp:
-            raise StepconvError(f"--pp must divide {self.num_layers} layers: valid values {', '.join(map(str, ok_pp))}; got {pp}")
+            out.append(f"--pp must divide {self.num_layers} layers: valid values {', '.join(map(str, ok_pp))}; got {pp}")
         if self.moe_layers:
             ok_ep = [e for e in range(1, self.num_experts + 1) if self.num_experts % e == 0]
             if ep not in ok_ep:
-                raise StepconvError(f"--ep must divide {self.num_experts} experts: valid values "
-                                    f"{', '.join(map(str, ok_ep))}; got {ep}")
+                out.append(f"--ep must divide {self.num_experts} experts: valid values {', '.join(map(str, ok_ep))}; "
+                           f"got {ep}")
         elif ep != 1:
-            raise StepconvError(f"--ep must be 1 for a model without MoE layers; got {ep}")
+            out.append(f"--ep must be 1 for a model without MoE layers; got {ep}")
+        return out
 
     # --- Megatron args ---------------------------------------------------------------------
     def megatron_args(self, *, tp: int, pp: int, ep: int, params_dtype: torch.dtype, spec: str,

@@ -17,7 +17,7 @@ from typing import Iterable, Sequence
 
 import torch
 
-from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError
+from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -179,7 +179,7 @@ class HFCheckpoint:
             absent = sorted(n for n in weight_map if n not in self.tensors)
             if absent:
                 raise StepconvError(f"{self.path}: {len(absent)} tensor(s) in {INDEX_NAME} are not in their files: "
-                                    f"{_names(absent)}")
+                                    f"{names_text(absent)}")
 
     def _read_rows(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
         """Rows [lo, hi) of dim 0, read with pread into a fresh buffer."""
@@ -208,11 +208,6 @@ class HFCheckpoint:
         return out
 
 
-def _names(names: Sequence[str], limit: int = 8) -> str:
-    shown = ", ".join(names[:limit])
-    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
-
-
 # --- writing ---------------------------------------------------------------------------------
 def _header_bytes(tensors: Sequence[TensorInfo]) -> tuple[bytes, dict[str, int]]:
     header: dict = {"__metadata__": {"format": "pt"}}
@@ -229,38 +224,46 @@ def _header_bytes(tensors: Sequence[TensorInfo]) -> tuple[bytes, dict[str, int]]
 class SafetensorsWriter:
     """A safetensors file whose layout is fixed up front; chunks land at their offsets in any order."""
 
-    def __init__(self, path: Path, tensors: Sequence[TensorInfo]):
-        self.path = path
+    def __init__(self, path: Path, tensors: Sequence[TensorInfo], *, dry: bool = False):
+        self.path, self.dry = path, dry
         self.infos = {t.name: t for t in tensors}
         head, offsets = _header_bytes(tensors)
         self.data_start = len(head)
         self.offsets = offsets
         self.written: dict[str, int] = {t.name: 0 for t in tensors}
         self._lock = threading.Lock()
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-        os.pwrite(self.fd, head, 0)
-        os.ftruncate(self.fd, self.data_start + sum(t.nbytes for t in tensors))
         self.bytes_written = len(head)
+        if not dry:
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.pwrite(self.fd, head, 0)
+            os.ftruncate(self.fd, self.data_start + sum(t.nbytes for t in tensors))
 
     def write(self, name: str, byte_offset: int, chunk: torch.Tensor) -> None:
+        """Place `chunk` (a whole tensor, or one of the equal dim-0 pieces at `byte_offset`); its shape must be
+        the tensor's own or its trailing dims (one expert of a stack)."""
         info = self.infos[name]
+        if tuple(chunk.shape) not in (tuple(info.shape), tuple(info.shape[1:])):
+            raise StepconvError(f"{name}: got shape {list(chunk.shape)}, expected {list(info.shape)}"
+                                + (f" or one {list(info.shape[1:])} slice" if len(info.shape) > 1 else ""))
         if chunk.dtype != info.dtype:
             chunk = chunk.to(info.dtype)
-        data = memoryview(chunk.contiguous().view(torch.uint8).numpy()).cast("B") if chunk.numel() else b""
-        n = len(data)
+        n = chunk.numel() * chunk.element_size()
         if byte_offset + n > info.nbytes:
             raise StepconvError(f"internal: chunk overflows {name} ({byte_offset}+{n} > {info.nbytes})")
-        pos, start = 0, self.data_start + self.offsets[name] + byte_offset
-        while pos < n:  # pwrite may write less than asked (large chunks)
-            pos += os.pwrite(self.fd, data[pos:], start + pos)
+        if not (self.dry or chunk.is_meta):  # a meta chunk (dry run) leaves its range a hole in the sparse file
+            data = memoryview(chunk.contiguous().view(torch.uint8).numpy()).cast("B") if n else b""
+            pos, start = 0, self.data_start + self.offsets[name] + byte_offset
+            while pos < n:  # pwrite may write less than asked (large chunks)
+                pos += os.pwrite(self.fd, data[pos:], start + pos)
         with self._lock:  # chunks of one file may come from several threads
             self.written[name] += n
             self.bytes_written += n
 
     def close(self) -> list[str]:
         """Close and return the names whose byte count is not exactly their size (empty when complete)."""
-        os.fsync(self.fd)
-        os.close(self.fd)
+        if not self.dry:
+            os.fsync(self.fd)
+            os.close(self.fd)
         return [n for n, b in self.written.items() if b != self.infos[n].nbytes]
 
 
@@ -311,3 +314,109 @@ def copy_files(files: Iterable[Path], dest: Path) -> None:
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
         (dest / f.name).write_bytes(f.read_bytes())
+
+
+# --- the HF format as an engine reader and writer --------------------------------------------------------
+def hf_tensor_problems(have: dict[str, TensorInfo], want: dict[str, tuple[int, ...]], where: Path) -> list[str]:
+    """Every tensor the config implies, nothing else, each with the right shape and a float dtype: one line per
+    kind of problem (conversions raise the first, `inspect` lists them all)."""
+    errs = []
+    missing = [n for n in want if n not in have]
+    unexpected = sorted(n for n in have if n not in want)
+    if missing:
+        errs.append(f"{where}: {len(missing)} tensor(s) missing for this config: {names_text(missing)}")
+    if unexpected:
+        errs.append(f"{where}: {len(unexpected)} unexpected tensor(s) not in the Step-3.5 layout for this config: "
+                    f"{names_text(unexpected)}")
+    bad = [f"{n} {list(have[n].shape)} (expected {list(s)})" for n, s in want.items()
+           if n in have and tuple(have[n].shape) != s]
+    if bad:
+        errs.append(f"{where}: {len(bad)} tensor(s) with wrong shape: {names_text(bad, 4)}")
+    nonfloat = [n for n in want if n in have and not have[n].dtype.is_floating_point]
+    if nonfloat:
+        errs.append(f"{where}: non-float tensor(s) {names_text(nonfloat)}; expected bf16/fp16/fp32 weights")
+    return errs
+
+
+class HFReader:
+    """engine.Reader over a HF folder: an entry's HF tensors, or one expert's slice of each stack, read with pread.
+
+    `meta=True` (or no checkpoint: a bare config) gives meta tensors of the same shapes and dtypes."""
+
+    def __init__(self, dtypes: dict[str, torch.dtype], ckpt: HFCheckpoint | None = None, *, meta: bool = False):
+        self.ckpt, self.dtypes, self.meta = ckpt, dtypes, meta or ckpt is None
+        self.prefetch = not self.meta  # engine: read the next batch on a second thread
+
+    def open(self, unit) -> None:
+        pass
+
+    def close(self, unit) -> None:
+        pass
+
+    def nbytes(self, entry) -> int:
+        n = 0
+        for h, s in zip(entry.hf, entry.source_shapes):
+            k = self.dtypes[h].itemsize
+            for d in s:
+                k *= d
+            n += k
+        return n
+
+    def read(self, entry) -> list[torch.Tensor]:
+        if self.meta:
+            return [torch.empty(s, dtype=self.dtypes[h], device="meta") for h, s in zip(entry.hf, entry.source_shapes)]
+        if entry.expert is not None:
+            return [self.ckpt.lazy(h)[entry.expert] for h in entry.hf]
+        return [self.ckpt.lazy(h)[:] for h in entry.hf]
+
+
+class HFWriter:
+    """engine.Writer for a HF folder: sharded safetensors whose layouts are fixed up front (`plan_shards`), each
+    tensor (or expert slice, at its offset) placed with pwrite from any thread. `dry=True` writes nothing and
+    counts the same bytes."""
+
+    def __init__(self, root: Path, infos: Sequence[TensorInfo], max_shard_bytes: int, *, dry: bool = False):
+        self.root, self.dry = root, dry
+        self.shards = plan_shards(infos, max_shard_bytes)
+        self.files: list[SafetensorsWriter] = []
+        self._by_name: dict[str, SafetensorsWriter] = {}
+
+    def begin(self) -> None:
+        for k, shard in enumerate(self.shards):
+            w = SafetensorsWriter(self.root / shard_name(k, len(self.shards)), shard, dry=self.dry)
+            self.files.append(w)
+            self._by_name.update((t.name, w) for t in shard)
+
+    def start(self, unit) -> None:
+        pass
+
+    def put(self, unit, entry, tensors) -> None:
+        """`tensors`: (HF name, tensor) pairs; an expert's slice lands at `entry.expert` x its size."""
+        for name, t in tensors:
+            self.put_tensor(name, t, entry.expert if name in entry.hf else None)
+
+    def put_tensor(self, name: str, t: torch.Tensor, expert: int | None = None) -> None:
+        w = self._by_name[name]
+        w.write(name, expert * t.numel() * w.infos[name].dtype.itemsize if expert is not None else 0, t)
+
+    def end(self, unit):
+        from .engine import UnitResult
+
+        return UnitResult()
+
+    def finish(self) -> list[str]:
+        """Close every file; the names not written exactly once in full (empty when complete). Writes the index."""
+        incomplete = []
+        for w in self.files:
+            incomplete += w.close()
+        if not self.dry:
+            write_index(self.root, self.shards)
+        return incomplete
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(w.bytes_written for w in self.files)
+
+    @property
+    def file_sizes(self) -> dict[str, int]:
+        return {w.path.name: w.data_start + sum(t.nbytes for t in w.infos.values()) for w in self.files}

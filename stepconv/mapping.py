@@ -1,22 +1,24 @@
 """The one table that names every Step-3.5-Flash tensor on both sides, and the plan it expands to.
 
-A `Rule` says: these HF tensors <-> this Megatron key, through this layout kind. `plan()`
-expands the table for one model and parallel layout into `Entry`s (one per Megatron key
-per PP stage, experts per EP rank); both conversions and `inspect` walk the same plan.
+A `Rule` says: these HF tensors (with these shapes, in the config's dimensions) <-> this Megatron key,
+through this tensor kind (stepconv.kinds). `plan()` expands the table for one model and parallel layout
+into `Entry`s (one per Megatron key per PP stage; routed experts one per expert); conversions, `inspect`
+and `verify` all walk the same plan, and `hf_shapes()` is the plan's HF side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterator
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
 from .config import AttnShape, Step35Config, StepconvError
+from .kinds import (COLUMN, EXTRA, QKVG_, REPLICATE, REPLICATE_FP32, ROW, SIDECAR, SWIGLU, VOCAB, Kind,
+                    SplitContext)
 
 SPECS = ("te", "local")
 
 # where: layer (every decoder block incl. MTP blocks) | dense | moe | mtp | first | last
-# kind: replicate | column | row | vocab | swiglu | qkvg | expert_fc1 | expert_fc2 | extra (Megatron `_extra_state`)
-#       | sidecar (kept beside the rank files)
+# shapes: one tuple of dimension names per HF tensor, resolved per layer by `_dims`
 
 
 @dataclass(frozen=True)
@@ -24,67 +26,82 @@ class Rule:
     where: str
     hf: tuple[str, ...]
     local: str
-    kind: str
+    kind: Kind
+    shapes: tuple[tuple[str, ...], ...] = ()
     te: str | None = None  # TE-spec key when it differs; "" = absent in that spec
 
     def key(self, spec: str) -> str:
         return self.local if spec == "local" or self.te is None else self.te
 
 
+def _r(where: str, hf: tuple[str, ...] | str, local: str, kind: Kind, *shapes: tuple[str, ...],
+       te: str | None = None) -> Rule:
+    return Rule(where, (hf,) if isinstance(hf, str) else hf, local, kind, shapes, te)
+
+
 def _x(where: str, local: str, te: str | None = None) -> Rule:
-    return Rule(where, (), local, "extra", te)
+    return Rule(where, (), local, EXTRA, (), te)
 
 
 RULES: tuple[Rule, ...] = (
-    Rule("first", ("model.embed_tokens.weight",), "embedding.word_embeddings.weight", "vocab"),
+    _r("first", "model.embed_tokens.weight", "embedding.word_embeddings.weight", VOCAB, ("V", "H")),
     # decoder block (main layers and MTP transformer_layer)
-    Rule("layer", ("input_layernorm.weight",), "input_layernorm.weight", "replicate",
-         te="self_attention.linear_qkv.layer_norm_weight"),
-    Rule("layer", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
-                   "self_attn.g_proj.weight"), "self_attention.linear_qkv.weight", "qkvg"),
+    _r("layer", "input_layernorm.weight", "input_layernorm.weight", REPLICATE, ("H",),
+       te="self_attention.linear_qkv.layer_norm_weight"),
+    _r("layer", ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight",
+                 "self_attn.g_proj.weight"), "self_attention.linear_qkv.weight", QKVG_,
+       ("Q", "H"), ("KV", "H"), ("KV", "H"), ("NH", "H")),
     _x("layer", "self_attention.linear_qkv._extra_state"),
     _x("layer", "", te="self_attention.core_attention._extra_state"),
-    Rule("layer", ("self_attn.q_norm.weight",), "self_attention.q_layernorm.weight", "replicate"),
-    Rule("layer", ("self_attn.k_norm.weight",), "self_attention.k_layernorm.weight", "replicate"),
-    Rule("layer", ("self_attn.o_proj.weight",), "self_attention.linear_proj.weight", "row"),
+    _r("layer", "self_attn.q_norm.weight", "self_attention.q_layernorm.weight", REPLICATE, ("HD",)),
+    _r("layer", "self_attn.k_norm.weight", "self_attention.k_layernorm.weight", REPLICATE, ("HD",)),
+    _r("layer", "self_attn.o_proj.weight", "self_attention.linear_proj.weight", ROW, ("H", "Q")),
     _x("layer", "self_attention.linear_proj._extra_state"),
     # dense FFN
-    Rule("dense", ("post_attention_layernorm.weight",), "pre_mlp_layernorm.weight", "replicate",
-         te="mlp.linear_fc1.layer_norm_weight"),
-    Rule("dense", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.linear_fc1.weight", "swiglu"),
+    _r("dense", "post_attention_layernorm.weight", "pre_mlp_layernorm.weight", REPLICATE, ("H",),
+       te="mlp.linear_fc1.layer_norm_weight"),
+    _r("dense", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "mlp.linear_fc1.weight", SWIGLU, ("F", "H"), ("F", "H")),
     _x("dense", "mlp.linear_fc1._extra_state"),
-    Rule("dense", ("mlp.down_proj.weight",), "mlp.linear_fc2.weight", "row"),
+    _r("dense", "mlp.down_proj.weight", "mlp.linear_fc2.weight", ROW, ("H", "F")),
     _x("dense", "mlp.linear_fc2._extra_state"),
-    # MoE FFN (TE keeps a standalone pre-MLP norm on MoE layers)
-    Rule("moe", ("post_attention_layernorm.weight",), "pre_mlp_layernorm.weight", "replicate"),
-    Rule("moe", ("moe.gate.weight",), "mlp.router.weight", "replicate"),
-    Rule("moe", ("moe.router_bias",), "mlp.router.expert_bias", "replicate"),
-    Rule("moe", ("moe.gate_proj.weight", "moe.up_proj.weight"), "mlp.experts.local_experts.{e}.linear_fc1.weight",
-         "expert_fc1", te="mlp.experts.linear_fc1.weight{e}"),
+    # MoE FFN (TE keeps a standalone pre-MLP norm on MoE layers); {e} = expert, one entry each
+    _r("moe", "post_attention_layernorm.weight", "pre_mlp_layernorm.weight", REPLICATE, ("H",)),
+    _r("moe", "moe.gate.weight", "mlp.router.weight", REPLICATE, ("E", "H")),
+    _r("moe", "moe.router_bias", "mlp.router.expert_bias", REPLICATE_FP32, ("E",)),
+    _r("moe", ("moe.gate_proj.weight", "moe.up_proj.weight"), "mlp.experts.local_experts.{e}.linear_fc1.weight",
+       SWIGLU, ("E", "Fm", "H"), ("E", "Fm", "H"), te="mlp.experts.linear_fc1.weight{e}"),
     _x("moe", "mlp.experts.local_experts.{e}.linear_fc1._extra_state", te="mlp.experts.linear_fc1._extra_state"),
-    Rule("moe", ("moe.down_proj.weight",), "mlp.experts.local_experts.{e}.linear_fc2.weight", "expert_fc2",
-         te="mlp.experts.linear_fc2.weight{e}"),
+    _r("moe", "moe.down_proj.weight", "mlp.experts.local_experts.{e}.linear_fc2.weight", ROW, ("E", "H", "Fm"),
+       te="mlp.experts.linear_fc2.weight{e}"),
     _x("moe", "mlp.experts.local_experts.{e}.linear_fc2._extra_state", te="mlp.experts.linear_fc2._extra_state"),
-    Rule("moe", ("share_expert.gate_proj.weight", "share_expert.up_proj.weight"),
-         "mlp.shared_experts.linear_fc1.weight", "swiglu"),
+    _r("moe", ("share_expert.gate_proj.weight", "share_expert.up_proj.weight"), "mlp.shared_experts.linear_fc1.weight",
+       SWIGLU, ("Fs", "H"), ("Fs", "H")),
     _x("moe", "mlp.shared_experts.linear_fc1._extra_state"),
-    Rule("moe", ("share_expert.down_proj.weight",), "mlp.shared_experts.linear_fc2.weight", "row"),
+    _r("moe", "share_expert.down_proj.weight", "mlp.shared_experts.linear_fc2.weight", ROW, ("H", "Fs")),
     _x("moe", "mlp.shared_experts.linear_fc2._extra_state"),
     # MTP block inputs and head (HF index num_hidden_layers + k -> mtp.layers.k)
-    Rule("mtp", ("enorm.weight",), "enorm.weight", "replicate"),
-    Rule("mtp", ("hnorm.weight",), "hnorm.weight", "replicate"),
-    Rule("mtp", ("eh_proj.weight",), "eh_proj.weight", "column"),
+    _r("mtp", "enorm.weight", "enorm.weight", REPLICATE, ("H",)),
+    _r("mtp", "hnorm.weight", "hnorm.weight", REPLICATE, ("H",)),
+    _r("mtp", "eh_proj.weight", "eh_proj.weight", COLUMN, ("H", "H2")),
     _x("mtp", "eh_proj._extra_state"),
-    Rule("mtp", ("transformer.shared_head.norm.weight",), "final_layernorm.weight", "replicate"),
-    Rule("mtp", ("transformer.shared_head.output.weight",), "", "sidecar"),
+    _r("mtp", "transformer.shared_head.norm.weight", "final_layernorm.weight", REPLICATE, ("H",)),
+    _r("mtp", "transformer.shared_head.output.weight", "", SIDECAR, ("V", "H")),
     # last stage
-    Rule("last", ("model.norm.weight",), "decoder.final_layernorm.weight", "replicate"),
-    Rule("last", ("lm_head.weight",), "output_layer.weight", "vocab"),
+    _r("last", "model.norm.weight", "decoder.final_layernorm.weight", REPLICATE, ("H",)),
+    _r("last", "lm_head.weight", "output_layer.weight", VOCAB, ("V", "H")),
     _x("last", "output_layer._extra_state"),
 )
 
 MTP_BLOCK = "transformer_layer"  # megatron-core 0.16 name; >= 0.17 state_dict() says mtp_model_layer
 MTP_BLOCK_ALIASES = ("transformer_layer", "mtp_model_layer")
+
+
+def _dims(cfg: Step35Config, attn: AttnShape | None) -> dict[str, int]:
+    d = {"H": cfg.hidden, "H2": 2 * cfg.hidden, "V": cfg.vocab, "E": cfg.num_experts, "F": cfg.ffn,
+         "Fm": cfg.moe_ffn, "Fs": cfg.shared_ffn}
+    if attn is not None:
+        d.update(Q=attn.q_rows, KV=attn.kv_rows, NH=attn.heads, HD=attn.head_dim)
+    return d
 
 
 def detect_spec(keys) -> str:
@@ -101,33 +118,64 @@ def detect_mtp_block(keys) -> str:
 
 @dataclass(frozen=True)
 class Layout:
-    tp: int = 1
-    pp: int = 1
-    ep: int = 1
+    """A Megatron parallel layout: tensor-, pipeline- and expert-parallel sizes."""
+
+    tp_size: int = 1
+    pp_size: int = 1
+    ep_size: int = 1
+
+    @classmethod
+    def from_args(cls, args: Any, where: str) -> "Layout":
+        """The layout a Megatron checkpoint's args record (the one place it is read)."""
+        try:
+            return cls(int(args.tensor_model_parallel_size), int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
+                       int(getattr(args, "expert_model_parallel_size", 1) or 1))
+        except (AttributeError, TypeError, ValueError):
+            raise StepconvError(f"{where}: args lack tensor_model_parallel_size; not a Megatron checkpoint") from None
 
     def ranks(self) -> Iterator[tuple[int, int, int]]:
-        for p in range(self.pp):
-            for e in range(self.ep):
-                for t in range(self.tp):
+        """(tp_rank, pp_rank, ep_rank) of every rank file, in file order."""
+        for p in range(self.pp_size):
+            for e in range(self.ep_size):
+                for t in range(self.tp_size):
                     yield t, p, e
 
+    @property
+    def world_size(self) -> int:
+        return self.tp_size * self.pp_size * self.ep_size
+
     def __str__(self) -> str:
-        return f"TP={self.tp} PP={self.pp} EP={self.ep}"
+        return f"TP={self.tp_size} PP={self.pp_size} EP={self.ep_size}"
 
 
 @dataclass(frozen=True)
 class Entry:
-    """One Megatron key on one PP stage (every EP rank unless `ep` is set), built from `hf`."""
+    """One Megatron key on one PP stage (on every EP rank unless `ep_rank` is set), built from `hf`."""
 
     hf: tuple[str, ...]
     key: str
-    kind: str
-    pp: int
-    ep: int | None = None
-    expert: int | None = None
-    attn: AttnShape | None = None
+    kind: Kind
+    stage: int  # PP rank holding it
+    ctx: SplitContext = field(compare=False)
+    hf_shapes: tuple[tuple[int, ...], ...] = ()  # whole HF tensors (expert stacks included)
+    ep_rank: int | None = None  # None: on every EP rank
+    expert: int | None = None  # global expert index: sources are expert `expert` of each stack
     layer: int | None = None  # global HF layer index, for messages and ordering
     replica: bool = False  # a second copy of a tensor another entry already carries (embedding on the MTP stage)
+
+    @property
+    def source_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """What `kind.split` receives: the HF tensors, or one expert's slice of each stack."""
+        return tuple(s[1:] for s in self.hf_shapes) if self.expert is not None else self.hf_shapes
+
+    def rank_shape(self) -> tuple[int, ...] | None:
+        """This entry's per-TP-rank Megatron shape (None for `_extra_state`)."""
+        if self.kind is EXTRA:
+            return None
+        return self.kind.rank_shape(self.source_shapes, self.ctx)
+
+    def on(self, ep_rank: int) -> bool:
+        return self.ep_rank is None or self.ep_rank == ep_rank
 
 
 def plan(cfg: Step35Config, layout: Layout, spec: str = "local", mtp_block: str = MTP_BLOCK) -> list[Entry]:
@@ -135,27 +183,30 @@ def plan(cfg: Step35Config, layout: Layout, spec: str = "local", mtp_block: str 
     if spec not in SPECS:
         raise StepconvError(f"--spec must be one of {', '.join(SPECS)}; got {spec!r}")
     L, M = cfg.num_layers, cfg.num_mtp
-    per_stage = L // layout.pp
-    last = layout.pp - 1
-    e_local = cfg.num_experts // layout.ep if cfg.num_experts else 0
+    per_stage = L // layout.pp_size
+    last = layout.pp_size - 1
+    e_local = cfg.num_experts // layout.ep_size if cfg.num_experts else 0
+    base = SplitContext(layout.tp_size, None, cfg.vocab, cfg.padded_vocab(layout.tp_size))
     out: list[Entry] = []
 
     def emit(rule: Rule, hf_prefix: str, mc_prefix: str, stage: int, layer: int | None, attn: AttnShape | None,
              replica: bool = False):
         key = rule.key(spec)
-        if rule.kind == "extra" and not key:
+        if rule.kind is EXTRA and not key:
             return
+        dims = _dims(cfg, attn)
         hf = tuple(hf_prefix + h for h in rule.hf)
+        shapes = tuple(tuple(dims[d] for d in s) for s in rule.shapes)
+        ctx = SplitContext(base.tp_size, attn, base.vocab, base.padded_vocab) if rule.kind is QKVG_ else base
+        common = dict(hf=hf, kind=rule.kind, stage=stage, ctx=ctx, hf_shapes=shapes, layer=layer)
         if "{e}" in key:
             for e in range(cfg.num_experts):
-                k = mc_prefix + key.format(e=e % e_local)
-                out.append(Entry(hf, k, rule.kind, stage, ep=e // e_local, expert=e, layer=layer))
-            return
-        if rule.kind == "extra" and spec == "te" and "experts.linear_fc" in key:
-            for p in range(layout.ep):
-                out.append(Entry(hf, mc_prefix + key, "extra", stage, ep=p, layer=layer))
-            return
-        out.append(Entry(hf, mc_prefix + key if key else "", rule.kind, stage, attn=attn, layer=layer, replica=replica))
+                out.append(Entry(key=mc_prefix + key.format(e=e % e_local), ep_rank=e // e_local, expert=e, **common))
+        elif rule.kind is EXTRA and spec == "te" and "experts.linear_fc" in key:
+            for p in range(layout.ep_size):  # TEGroupedMLP: one extra state per EP rank
+                out.append(Entry(key=mc_prefix + key, ep_rank=p, **common))
+        else:
+            out.append(Entry(key=mc_prefix + key if key else "", replica=replica, **common))
 
     for rule in RULES:
         if rule.where == "first":
@@ -166,22 +217,15 @@ def plan(cfg: Step35Config, layout: Layout, spec: str = "local", mtp_block: str 
         is_mtp = i >= L
         stage = last if is_mtp else i // per_stage
         hf_prefix = f"model.layers.{i}."
-        if is_mtp:
-            mc_prefix = f"mtp.layers.{i - L}.{mtp_block}."
-        else:
-            mc_prefix = f"decoder.layers.{i - stage * per_stage}."
+        mc_prefix = f"mtp.layers.{i - L}.{mtp_block}." if is_mtp else f"decoder.layers.{i - stage * per_stage}."
         ffn = "moe" if cfg.is_moe(i) else "dense"
         for rule in RULES:
             if rule.where in ("layer", ffn):
                 emit(rule, hf_prefix, mc_prefix, stage, i, cfg.attn(i))
             elif rule.where == "mtp" and is_mtp:
-                emit(rule, hf_prefix, f"mtp.layers.{i - L}.", stage, i, None)
+                emit(rule, hf_prefix, f"mtp.layers.{i - L}.", stage, i, cfg.attn(i))
     for rule in RULES:
-        if rule.where == "last":
-            if rule.hf == ("lm_head.weight",) and cfg.tied:
-                continue
-            if rule.kind == "extra" and cfg.tied:
-                continue
+        if rule.where == "last" and not (cfg.tied and rule.local in ("output_layer.weight", "output_layer._extra_state")):
             emit(rule, "", "", last, None, None)
     return out
 
@@ -190,43 +234,20 @@ def rank_keys(entries: list[Entry], layout: Layout) -> dict[tuple[int, int, int]
     """Expected `model` keys of every rank file, in write order."""
     out: dict[tuple[int, int, int], list[str]] = {r: [] for r in layout.ranks()}
     for e in entries:
-        if e.kind == "sidecar":
+        if not e.kind.megatron:
             continue
-        eps = range(layout.ep) if e.ep is None else (e.ep,)
-        for p in eps:
-            for t in range(layout.tp):
-                out[(t, e.pp, p)].append(e.key)
+        for p in range(layout.ep_size) if e.ep_rank is None else (e.ep_rank,):
+            for t in range(layout.tp_size):
+                out[(t, e.stage, p)].append(e.key)
     return out
 
 
 def hf_shapes(cfg: Step35Config) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor the config implies, with its shape (what a complete checkpoint holds)."""
-    H, V = cfg.hidden, cfg.vocab
-    E, Fm, Fs, F = cfg.num_experts, cfg.moe_ffn, cfg.shared_ffn, cfg.ffn
-    out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (V, H)}
-    for i in range(cfg.num_layers + cfg.num_mtp):
-        a = cfg.attn(i)
-        p = f"model.layers.{i}."
-        if i >= cfg.num_layers:
-            out.update({p + "enorm.weight": (H,), p + "hnorm.weight": (H,), p + "eh_proj.weight": (H, 2 * H),
-                        p + "transformer.shared_head.norm.weight": (H,),
-                        p + "transformer.shared_head.output.weight": (V, H)})
-        out.update({p + "input_layernorm.weight": (H,), p + "post_attention_layernorm.weight": (H,),
-                    p + "self_attn.q_proj.weight": (a.q_rows, H), p + "self_attn.k_proj.weight": (a.kv_rows, H),
-                    p + "self_attn.v_proj.weight": (a.kv_rows, H), p + "self_attn.g_proj.weight": (a.heads, H),
-                    p + "self_attn.o_proj.weight": (H, a.q_rows), p + "self_attn.q_norm.weight": (a.head_dim,),
-                    p + "self_attn.k_norm.weight": (a.head_dim,)})
-        if cfg.is_moe(i):
-            out.update({p + "moe.gate.weight": (E, H), p + "moe.router_bias": (E,),
-                        p + "moe.gate_proj.weight": (E, Fm, H), p + "moe.up_proj.weight": (E, Fm, H),
-                        p + "moe.down_proj.weight": (E, H, Fm), p + "share_expert.gate_proj.weight": (Fs, H),
-                        p + "share_expert.up_proj.weight": (Fs, H), p + "share_expert.down_proj.weight": (H, Fs)})
-        else:
-            out.update({p + "mlp.gate_proj.weight": (F, H), p + "mlp.up_proj.weight": (F, H),
-                        p + "mlp.down_proj.weight": (H, F)})
-    out["model.norm.weight"] = (H,)
-    if not cfg.tied:
-        out["lm_head.weight"] = (V, H)
+    """Every HF tensor the config implies, with its shape (what a complete checkpoint holds): the plan's HF side."""
+    out: dict[str, tuple[int, ...]] = {}
+    for e in plan(cfg, Layout(), "local"):
+        if not e.replica:
+            out.update(zip(e.hf, e.hf_shapes))
     return out
 
 
@@ -236,8 +257,8 @@ def respec_state_dict(sd: dict, cfg: Step35Config, layout: Layout, stage: int, e
     `_extra_state` entries made what `dst` expects (None). Used to run a TE-spec checkpoint on the
     local spec (CPU) and to read megatron >= 0.17 `mtp_model_layer` names."""
     def keyed(spec: str, mtp: str) -> tuple[list[Entry], list[Entry]]:
-        es = [e for e in plan(cfg, layout, spec, mtp) if e.pp == stage and (e.ep is None or e.ep == ep_rank)]
-        return [e for e in es if e.kind not in ("extra", "sidecar")], [e for e in es if e.kind == "extra"]
+        es = [e for e in plan(cfg, layout, spec, mtp) if e.stage == stage and e.on(ep_rank) and e.kind.megatron]
+        return [e for e in es if e.kind is not EXTRA], [e for e in es if e.kind is EXTRA]
 
     a, _ = keyed(src, src_mtp)
     b, b_extra = keyed(dst, dst_mtp)

@@ -18,6 +18,7 @@ import pathlib
 import pickle
 import re
 import sys
+import threading
 import types
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -26,23 +27,31 @@ from typing import Any
 
 import torch
 
-from .config import StepconvError
+from .config import StepconvError, names_text
+from .engine import FileStat, Unit, UnitResult
+from .hf_io import SafetensorsWriter, TensorInfo
+from .mapping import Entry, Layout
 
 TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 CHECKPOINT_VERSION = 3.0
+EXTRA_STATE = "._extra_state"
+SIDECAR = "stepconv"  # stepconv's own folder beside the iteration folders
+MTP_HEADS = "mtp_heads.safetensors"
+RELEASE_EVERY = 64 << 20  # bytes read from mapped rank files between releases of their pages
 
 
 def iteration_dir_name(iteration: int | str) -> str:
     return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
 
 
-def rank_dir_name(tp: int, pp: int, ep: int, pp_size: int, ep_size: int) -> str:
-    name = f"mp_rank_{tp:02d}"
+def rank_dir_name(tp_rank: int, pp_rank: int, ep_rank: int, pp_size: int, ep_size: int) -> str:
+    """Megatron-LM's rank folder: mp_rank_TT[_PPP][_EEE] (the one place it is spelled)."""
+    name = f"mp_rank_{tp_rank:02d}"
     if pp_size > 1:
-        name += f"_{pp:03d}"
+        name += f"_{pp_rank:03d}"
     if ep_size > 1:
-        name += f"_{ep:03d}"
+        name += f"_{ep_rank:03d}"
     return name
 
 
@@ -99,19 +108,31 @@ class RankFileWriter:
         if tensor is None:  # megatron's `_extra_state` entries
             self.model[key] = None
             return
-        t = tensor.detach().contiguous()
+        t = tensor.detach()
         nbytes = t.numel() * t.element_size()
         ref = _StorageRef(str(len(self.model)), t.dtype, t.numel())
-        # the record holds exactly this tensor's bytes: a storage view of its own range, no copy
-        off = t.storage_offset() * t.element_size()
-        data = t.untyped_storage()[off:off + nbytes] if nbytes else b""
-        self._zip.write_record(f"data/{ref.key}", data, nbytes)
+        if t.is_meta:  # dry run: torch lays out the record and skips its bytes (a sparse file)
+            self._zip.write_record_metadata(f"data/{ref.key}", nbytes)
+        else:
+            t = t.contiguous()
+            # the record holds exactly this tensor's bytes: a storage view of its own range, no copy
+            off = t.storage_offset() * t.element_size()
+            data = t.untyped_storage()[off:off + nbytes] if nbytes else b""
+            self._zip.write_record(f"data/{ref.key}", data, nbytes)
         self.bytes_written += nbytes
         self.model[key] = _TensorRef(ref, tuple(t.shape))
 
-    def finish(self, args: argparse.Namespace, iteration: int = 0) -> None:
+    def finish(self, args: argparse.Namespace, iteration: int = 0, pickles: dict | None = None) -> None:
+        """Write the pickled state dict and close. `pickles` caches data.pkl across files whose keys, dtypes and
+        shapes are equal (the TP ranks of one stage and EP rank): pickling 4k refs costs ~0.25 s a file."""
         obj = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": self.model}
-        data = _dumps(obj)
+        sig = (id(args), iteration, tuple((k, None if v is None else (v.storage.dtype, v.shape))
+                                          for k, v in self.model.items())) if pickles is not None else None
+        data = pickles.get(sig) if sig is not None else None
+        if data is None:
+            data = _dumps(obj)
+            if sig is not None:
+                pickles[sig] = data
         self._zip.write_record("data.pkl", data, len(data))
         self._zip.write_record(".format_version", "1", 1)
         self._zip.write_record(".storage_alignment", "64", 2)
@@ -119,6 +140,10 @@ class RankFileWriter:
         self._zip.write_end_of_file()
         del self._zip
         os.replace(self._tmp, self.path)
+
+    @property
+    def tensors(self) -> int:
+        return sum(v is not None for v in self.model.values())
 
 
 def _dumps(obj: Any) -> bytes:
@@ -197,11 +222,11 @@ def release_range(lo: int, hi: int) -> None:
     _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_DONTNEED)
 
 
-def rank_dir_problems(itdir: Path, tp: int, pp: int, ep: int) -> list[str]:
-    """Missing rank files and unexpected rank folders for a TP x PP x EP layout, as error lines."""
-    want = [rank_dir_name(t, p, e, pp, ep) for p in range(pp) for e in range(ep) for t in range(tp)]
+def rank_dir_problems(itdir: Path, layout: Layout) -> list[str]:
+    """Missing rank files and unexpected rank folders for a layout, as error lines."""
+    want = [rank_dir_name(t, p, e, layout.pp_size, layout.ep_size) for t, p, e in layout.ranks()]
     have = sorted(p.name for p in itdir.iterdir() if p.name.startswith("mp_rank_"))
-    lay = f"TP={tp} PP={pp} EP={ep}"
+    lay = str(layout)
     out = []
     missing = [d for d in want if not (itdir / d / RANK_FILE).exists()]
     if missing:
@@ -258,3 +283,160 @@ def resolve_iteration(path: str | os.PathLike, iteration: str | int | None = Non
         have = sorted(d.name for d in p.iterdir() if d.is_dir() and _ITERATION_DIR.fullmatch(d.name))
         raise StepconvError(f"{itdir}: iteration folder not found (available: {', '.join(have) or 'none'})")
     return IterationDir(p, it if it == "release" else str(int(it)), itdir)
+
+
+# --- the legacy format as an engine writer and reader ----------------------------------------------------
+def rank_file(layout: Layout, tp_rank: int, pp_rank: int, ep_rank: int, iteration: str = "release") -> str:
+    """A rank file's path relative to the checkpoint root."""
+    return (f"{iteration_dir_name(iteration)}/{rank_dir_name(tp_rank, pp_rank, ep_rank, layout.pp_size, layout.ep_size)}"
+            f"/{RANK_FILE}")
+
+
+class LegacyWriter:
+    """engine.Writer for Megatron's legacy format: one zip per TP rank of each (PP stage, EP rank) unit, written
+    record by record in plan order; the MTP heads, which have no Megatron slot, go to `stepconv/mtp_heads`.
+
+    `dry=True` is the same code fed meta tensors: torch's zip writer lays out every record and skips its bytes
+    (sparse scratch files under `root`), so sizes are the conversion's own, exactly."""
+
+    def __init__(self, root: Path, layout: Layout, args: argparse.Namespace, heads: list[TensorInfo], *,
+                 dry: bool = False):
+        self.root, self.layout, self.args, self.heads, self.dry = root, layout, args, heads, dry
+        self._open: dict[str, list] = {}
+        self._pickles: dict = {}
+        self._pickle_lock = threading.Lock()
+
+    def units(self, entries: list[Entry]) -> list[Unit]:
+        lay = self.layout
+        units = []
+        side = [e for e in entries if not e.kind.megatron]
+        if side:
+            units.append(Unit("mtp-heads", side, [f"{SIDECAR}/{MTP_HEADS}"], lay.pp_size - 1, None))
+        for stage in range(lay.pp_size):
+            for p in range(lay.ep_size):
+                es = [e for e in entries if e.stage == stage and e.kind.megatron and e.on(p)]
+                outs = [rank_file(lay, t, stage, p) for t in range(lay.tp_size)]
+                units.append(Unit(f"stage {stage} ep {p}", es, outs, stage, p, primary=p == 0))
+        return units
+
+    def begin(self) -> None:
+        pass
+
+    def start(self, unit: Unit) -> None:
+        if unit.ep_rank is None:
+            final = self.root / unit.outputs[0]
+            final.parent.mkdir(parents=True, exist_ok=True)
+            self._open[unit.name] = [SafetensorsWriter(final.with_name(final.name + ".tmp"), self.heads)]
+        else:
+            self._open[unit.name] = [RankFileWriter(self.root / o) for o in unit.outputs]
+
+    def put(self, unit: Unit, entry: Entry, tensors) -> None:
+        writers = self._open[unit.name]
+        if unit.ep_rank is None:
+            writers[0].write(entry.hf[0], 0, tensors[0])
+            return
+        for w, t in zip(writers, tensors):
+            w.add(entry.key, t)
+
+    def end(self, unit: Unit) -> UnitResult:
+        writers = self._open.pop(unit.name)
+        res = UnitResult()
+        if unit.ep_rank is None:
+            heads = writers[0]
+            incomplete = heads.close()
+            if incomplete:
+                raise StepconvError(f"internal audit: MTP heads not fully written: {names_text(incomplete)}")
+            n = len(heads.infos)
+            res.files[unit.outputs[0]] = FileStat(heads.bytes_written, heads.bytes_written - heads.data_start, n, n)
+            if self.dry:
+                heads.path.unlink()
+            else:
+                os.replace(heads.path, self.root / unit.outputs[0])
+            return res
+        want = [e.key for e in unit.entries]
+        for out, w in zip(unit.outputs, writers):
+            if list(w.model) != want:
+                missing = [k for k in want if k not in w.model]
+                raise StepconvError(f"internal audit: {w.path} is missing {names_text(missing)}")
+            with self._pickle_lock:
+                pickles = self._pickles.setdefault(unit.name, {})
+            w.finish(self.args, pickles=pickles)
+            res.files[out] = FileStat(w.path.stat().st_size, w.bytes_written, w.tensors, len(w.model))
+            if self.dry:
+                w.path.unlink()  # a sparse scratch file: its size was the point
+        with self._pickle_lock:
+            self._pickles.pop(unit.name, None)
+        return res
+
+
+class LegacyReader:
+    """engine.Reader over a legacy checkpoint's rank files: a unit is one PP stage, whose rank files are
+    loaded at once (mmap; nothing is unpickled but under megatron-core's safe globals) and checked against the
+    plan's keys; `read(entry)` returns the entry's TP shards. `meta=True` returns meta tensors of the files'
+    shapes and dtypes (for `inspect`: everything is checked, no tensor byte is read)."""
+
+    def __init__(self, itdir: Path, layout: Layout, expected: dict[tuple[int, int, int], list[str]], spec: str, *,
+                 first: dict | None = None, meta: bool = False):
+        self.itdir, self.layout, self.expected, self.spec, self.meta = itdir, layout, expected, spec, meta
+        self._first = first  # rank (0, 0, 0)'s already loaded file
+        self._models: dict[tuple[int, int], dict] = {}
+        self._ranges: list[tuple[int, int]] = []
+        self._touched = 0
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def path(self, tp_rank: int, pp_rank: int, ep_rank: int) -> Path:
+        return self.itdir / rank_dir_name(tp_rank, pp_rank, ep_rank, self.layout.pp_size, self.layout.ep_size) / RANK_FILE
+
+    def units(self, entries: list[Entry]) -> list[Unit]:
+        """One unordered unit per PP stage: every weight entry (not the MTP stage's embedding copy)."""
+        return [Unit(f"stage {s}", [e for e in entries if e.stage == s and e.kind.megatron and e.kind.sources
+                                    and not e.replica], stage=s, ordered=False)
+                for s in range(self.layout.pp_size)]
+
+    def open(self, unit: Unit) -> None:
+        lay = self.layout
+        for p in range(lay.ep_size):
+            for t in range(lay.tp_size):
+                path = self.path(t, unit.stage, p)
+                if (t, unit.stage, p) == (0, 0, 0) and self._first is not None:
+                    m = self._first["model"]
+                else:
+                    m = load_rank_file(path)["model"]
+                # weights must match exactly; `_extra_state` entries carry none, and which modules have
+                # one depends on the TE version that saved the file, so they are neither required nor refused
+                want = {k for k in self.expected[(t, unit.stage, p)] if not k.endswith(EXTRA_STATE)}
+                have = {k for k in m if not k.endswith(EXTRA_STATE)}
+                if have != want:
+                    miss, unexp = sorted(want - have), sorted(have - want)
+                    raise StepconvError(f"{path}: keys do not match {lay} spec {self.spec}: "
+                                        + "; ".join(x for x in (f"missing {names_text(miss)}" if miss else "",
+                                                                f"unexpected {names_text(unexp)}" if unexp else "") if x))
+                self._models[(t, p)] = m
+        self._ranges = [mapped_range(m) for m in self._models.values()]
+
+    def nbytes(self, entry: Entry) -> int:
+        return 0
+
+    def read(self, entry: Entry) -> list[torch.Tensor]:
+        p = entry.ep_rank if entry.ep_rank is not None else 0
+        parts = [self._models[(t, p)][entry.key] for t in range(self.layout.tp_size)]
+        for t, s in enumerate(parts):
+            if not isinstance(s, torch.Tensor):
+                raise StepconvError(f"{self.path(t, entry.stage, p)}: {entry.key} is {type(s).__name__}, expected a tensor")
+        nbytes = sum(s.numel() * s.element_size() for s in parts)
+        if self.meta:
+            return [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in parts]
+        with self._lock:
+            self.bytes_read += nbytes
+            self._touched += nbytes
+            if self._touched >= RELEASE_EVERY:
+                for lo, hi in self._ranges:
+                    release_range(lo, hi)
+                self._touched = 0
+        return parts
+
+    def close(self, unit: Unit) -> None:
+        self._models.clear()
+        self._ranges = []
+        self._first = None

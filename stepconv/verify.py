@@ -18,7 +18,7 @@ import torch
 
 from .config import Step35Config, StepconvError
 from .mapping import MTP_BLOCK, Layout, detect_mtp_block, detect_spec, respec_state_dict
-from .megatron_io import RANK_FILE, iteration_dir_name, load_rank_file, rank_dir_name, read_tracker
+from .megatron_io import RANK_FILE, load_rank_file, rank_dir_name, resolve_iteration
 
 GATES = {
     "fp32": {"max_abs": 1e-4, "top1": 1.0},
@@ -121,16 +121,6 @@ def read_prompt_file(path: str | os.PathLike) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.long)
 
 
-def _mcore_meta(mcore_dir: Path, iteration: str | None):
-    it = iteration if iteration is not None else read_tracker(mcore_dir)
-    itdir = mcore_dir / iteration_dir_name(it if it == "release" else int(it))
-    dirs = sorted(p for p in itdir.glob("mp_rank_*") if (p / RANK_FILE).exists()) if itdir.is_dir() else []
-    if not dirs:
-        raise StepconvError(f"{itdir}: no mp_rank_* rank files")
-    args = load_rank_file(dirs[0] / RANK_FILE)["args"]
-    return itdir, args
-
-
 class RankFiles:
     """Per-rank state dicts for the Megatron runner, renamed to the local spec the CPU model uses."""
 
@@ -139,7 +129,7 @@ class RankFiles:
 
     def __call__(self, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
         lay = self.layout
-        path = self.itdir / rank_dir_name(tp_rank, pp_rank, ep_rank, lay.pp, lay.ep) / RANK_FILE
+        path = self.itdir / rank_dir_name(tp_rank, pp_rank, ep_rank, lay.pp_size, lay.ep_size) / RANK_FILE
         sd = load_rank_file(path)["model"]
         if self.spec == "local" and self.mtp_block == MTP_BLOCK:
             return dict(sd)
@@ -159,10 +149,14 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
         raise StepconvError(f"--dtype must be fp32 or bf16; got {dtype!r}")
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
     cfg = Step35Config.from_file(hf_dir / "config.json")
-    itdir, args = _mcore_meta(mcore_dir, iteration)
-    tp = int(args.tensor_model_parallel_size)
-    pp = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
-    ep = int(getattr(args, "expert_model_parallel_size", 1) or 1)
+    src = resolve_iteration(mcore_dir, iteration)
+    itdir = src.path
+    dirs = sorted(p for p in itdir.glob("mp_rank_*") if (p / RANK_FILE).exists())
+    if not dirs:
+        raise StepconvError(f"{itdir}: no mp_rank_* rank files; expected a legacy (--ckpt-format torch) checkpoint")
+    args = load_rank_file(dirs[0] / RANK_FILE)["args"]
+    lay = Layout.from_args(args, str(dirs[0] / RANK_FILE))
+    tp, pp, ep = lay.tp_size, lay.pp_size, lay.ep_size
     if window_convention is None:
         window_convention = (getattr(args, "stepconv", None) or {}).get("sliding_window_convention") or getattr(
             args, "step35_window_convention", "hf")
@@ -174,7 +168,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
         if int(ids.max()) >= cfg.vocab or int(ids.min()) < 0:
             raise StepconvError(f"{prompt_file}: token ids must be in [0, {cfg.vocab})")
     else:
-        window = int(cfg.raw.get("sliding_window") or 0)
+        window = cfg.sliding_window or 0
         seq_len = seq_len or max(2 * window + 8, 16)  # longer than twice the window: the window is exercised
         if batch is None:  # enough positions that one top-1 flip is under the 1% bf16 allowance
             batch = max(2, -(-MIN_POSITIONS // seq_len))
@@ -187,7 +181,6 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
         hf = ref.forward(ids)
     t_hf = time.time() - t1
     t1 = time.time()
-    lay = Layout(tp, pp, ep)
     keys = list(load_rank_file(itdir / rank_dir_name(0, pp - 1, 0, pp, ep) / RANK_FILE)["model"])
     loader = RankFiles(itdir, cfg.raw, lay, detect_spec(keys), detect_mtp_block(keys))
     mc = megatron_forward(loader, cfg.raw, ids, tp=tp, pp=pp, ep=ep, window_convention=window_convention,

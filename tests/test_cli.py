@@ -112,7 +112,8 @@ def test_existing_output_needs_overwrite(tmp_path, fixture_dir):
     one_line_error(*run("hf-to-mcore", fixture_dir, "-o", out)[::2], "already exists", "--overwrite")
     assert (out / "keep.txt").read_text() == "mine"
     code, _, err = run("hf-to-mcore", fixture_dir, "-o", out, "--overwrite")
-    assert code == 0, err and not (out / "keep.txt").exists()
+    assert code == 0, err
+    assert not (out / "keep.txt").exists() and (out / "latest_checkpointed_iteration.txt").exists()
 
 
 def test_megatron_dir_with_missing_rank(tmp_path, fixture_dir):

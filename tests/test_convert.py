@@ -100,38 +100,54 @@ def _expected_qkv(q, k, v, g, shape: AttnShape, tp: int, r: int) -> torch.Tensor
     return torch.cat([qkv, g.view(tp, shape.heads // tp, -1)[r]])
 
 
-@pytest.mark.parametrize("tp", [1, 2, 4])
-def test_each_rank_linear_qkv_is_megatrons_layout(tmp_path, fixture_dir, fixture_tensors, tp):
-    m = tmp_path / "m"
-    hf_to_mcore(fixture_dir, m, tp=tp, spec="te")
-    for layer, key in [(0, "decoder.layers.0"), (1, "decoder.layers.1"), (4, "mtp.layers.0.transformer_layer")]:
-        shape = AttnShape(8, 4, 16) if layer == 0 else AttnShape(12, 4, 16)
+QKV_CASES = [(0, "decoder.layers.0", AttnShape(8, 4, 16)), (1, "decoder.layers.1", AttnShape(12, 4, 16)),
+             (4, "mtp.layers.0.transformer_layer", AttnShape(12, 4, 16))]
+
+
+def qkv_layout_errors(m, fixture_tensors, tp) -> list[tuple[int, int]]:
+    """(HF layer, TP rank) whose rank file's linear_qkv is not the independently built Megatron layout."""
+    bad = []
+    for layer, key, shape in QKV_CASES:
         p = f"model.layers.{layer}.self_attn."
         q, k, v, g = (fixture_tensors[p + n] for n in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "g_proj.weight"))
         for r in range(tp):
             sd = load_rank_file(m / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt")["model"]
-            assert torch.equal(sd[f"{key}.self_attention.linear_qkv.weight"], _expected_qkv(q, k, v, g, shape, tp, r))
+            if not torch.equal(sd[f"{key}.self_attention.linear_qkv.weight"], _expected_qkv(q, k, v, g, shape, tp, r)):
+                bad.append((layer, r))
+    return bad
 
 
-def test_a_gate_row_on_the_wrong_rank_fails_the_layout_check(tmp_path, fixture_dir, fixture_tensors):
+@pytest.mark.parametrize("tp", [1, 2, 4])
+def test_each_rank_linear_qkv_is_megatrons_layout(tmp_path, fixture_dir, fixture_tensors, tp):
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=tp, spec="te")
+    assert qkv_layout_errors(m, fixture_tensors, tp) == []
+
+
+def test_a_gate_row_on_the_wrong_rank_is_caught(tmp_path, fixture_dir, fixture_tensors):
+    """Negative control on real files: swap one gate row between the TP rank files of a converted checkpoint;
+    the layout check above names that layer on both ranks, and the export no longer reproduces g_proj."""
     m = tmp_path / "m"
     hf_to_mcore(fixture_dir, m, tp=2, spec="te")
-    f0, f1 = (m / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt" for r in (0, 1))
-    a, b = load_rank_file(f0)["model"], load_rank_file(f1)["model"]
+    files = [m / "release" / f"mp_rank_{r:02d}" / "model_optim_rng.pt" for r in (0, 1)]
+    objs = [load_rank_file(f) for f in files]
+    models = [{k: (v.clone() if v is not None else None) for k, v in o["model"].items()} for o in objs]
     key = "decoder.layers.1.self_attention.linear_qkv.weight"
-    p = "model.layers.1.self_attn."
-    q, k, v, g = (fixture_tensors[p + n] for n in ("q_proj.weight", "k_proj.weight", "v_proj.weight", "g_proj.weight"))
-    ra, rb = a[key].clone(), b[key].clone()
-    ra[-1], rb[-1] = b[key][-1], a[key][-1]
-    assert not torch.equal(ra, _expected_qkv(q, k, v, g, AttnShape(12, 4, 16), 2, 0))
-    assert torch.equal(a[key], _expected_qkv(q, k, v, g, AttnShape(12, 4, 16), 2, 0))
+    models[0][key][-1], models[1][key][-1] = models[1][key][-1].clone(), models[0][key][-1].clone()
+    for f, o, sd in zip(files, objs, models):
+        torch.save({**o, "model": sd}, f)
+    assert qkv_layout_errors(m, fixture_tensors, 2) == [(1, 0), (1, 1)]
+    mcore_to_hf(m, tmp_path / "h")
+    back = load_hf(tmp_path / "h")
+    assert not torch.equal(back["model.layers.1.self_attn.g_proj.weight"], fixture_tensors["model.layers.1.self_attn.g_proj.weight"])
+    assert bit_equal(back["model.layers.1.self_attn.q_proj.weight"], fixture_tensors["model.layers.1.self_attn.q_proj.weight"])
 
 
 def test_audit_refuses_to_publish_when_a_source_is_not_consumed(tmp_path, fixture_dir, monkeypatch):
     real = mapping.plan
 
     def drop_experts(*a, **k):
-        return [e for e in real(*a, **k) if not (e.kind == "expert_fc2" and e.expert == 5)]
+        return [e for e in real(*a, **k) if not (e.key.endswith("linear_fc2.weight5") and e.expert == 5)]
 
     monkeypatch.setattr(convert, "plan", drop_experts)
     out = tmp_path / "m"
@@ -142,7 +158,7 @@ def test_audit_refuses_to_publish_when_a_source_is_not_consumed(tmp_path, fixtur
 
 def test_audit_refuses_a_source_consumed_twice(tmp_path, fixture_dir, monkeypatch):
     real = mapping.plan
-    monkeypatch.setattr(convert, "plan", lambda *a, **k: (lambda p: p + [e for e in p if e.kind == "row"][:1])(real(*a, **k)))
+    monkeypatch.setattr(convert, "plan", lambda *a, **k: (lambda p: p + [e for e in p if e.kind.name == "row"][:1])(real(*a, **k)))
     with pytest.raises(StepconvError):
         hf_to_mcore(fixture_dir, tmp_path / "m", tp=2)
     assert not (tmp_path / "m").exists()

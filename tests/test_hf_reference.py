@@ -1,5 +1,5 @@
 """The Step3p7-based HF reference (stepconv.hf_reference) against an independent plain-torch
-implementation of the Step-3.5 spec formulas (shared/spec/step35-architecture.md, sections 3-5)."""
+implementation of the Step-3.5 spec formulas (the Step-3.5 architecture spec, sections 3-5)."""
 
 from __future__ import annotations
 
@@ -216,8 +216,8 @@ def test_model_structure(ref, cfg):
     heads = [layer.self_attn.num_heads for layer in layers]
     assert heads == [8, 12, 12, 12]
     assert [layer.self_attn.sliding_window for layer in layers] == [None, 8, 8, 8]
-    assert ref.mtp[0].block.self_attn.num_heads == 12 and ref.mtp[0].block.self_attn.sliding_window == 8
-    assert type(ref.mtp[0].block.mlp).__name__ == "Step3p7MLP"  # MTP layers are dense
+    assert ref.mtp[0].self_attn.num_heads == 12 and ref.mtp[0].self_attn.sliding_window == 8
+    assert type(ref.mtp[0].mlp).__name__ == "Step3p7MLP"  # MTP layers are dense
     assert [type(layer.mlp).__name__ for layer in layers] == ["Step3p7MLP"] * 2 + ["Step3p7SparseMoeBlock"] * 2
 
 
@@ -270,23 +270,40 @@ def _copy_fixture(tmp_path: Path) -> Path:
     return dst
 
 
+def _edit_checkpoint(ckpt: Path, shard: str, edit) -> None:
+    """Apply edit(tensors) to one shard and keep the index in step, so the folder stays valid."""
+    t = load_file(str(ckpt / shard))
+    edit(t)
+    save_file(t, str(ckpt / shard))
+    index = json.loads((ckpt / "model.safetensors.index.json").read_text())
+    index["weight_map"] = {n: f for n, f in index["weight_map"].items() if f != shard} | dict.fromkeys(t, shard)
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
 def test_strict_load_missing_tensor(tmp_path):
     ckpt = _copy_fixture(tmp_path)
-    shard = ckpt / "model-00002-of-00002.safetensors"
-    t = load_file(str(shard))
-    t.pop("model.layers.3.moe.router_bias")
-    save_file(t, str(shard))
+    _edit_checkpoint(ckpt, "model-00002-of-00002.safetensors", lambda t: t.pop("model.layers.3.moe.router_bias"))
     with pytest.raises(ValueError, match=r"layers\.3\.mlp\.gate\.e_score_correction_bias"):
+        load_hf_reference(ckpt)
+
+
+def test_strict_load_missing_fused_half(tmp_path):
+    """gate_up_proj is built from both stacks; one alone is an error naming the absent one, not a half tensor."""
+    ckpt = _copy_fixture(tmp_path)
+    _edit_checkpoint(ckpt, "model-00002-of-00002.safetensors", lambda t: t.pop("model.layers.3.moe.up_proj.weight"))
+    with pytest.raises(ValueError, match=r"layers\.3\.mlp\.experts\.gate_up_proj has .*moe\.gate_proj.* but no "
+                                         r"tensor for \['moe\.up_proj\.weight'\]"):
         load_hf_reference(ckpt)
 
 
 def test_strict_load_leftover_tensor(tmp_path):
     ckpt = _copy_fixture(tmp_path)
-    shard = ckpt / "model-00001-of-00002.safetensors"
-    t = load_file(str(shard))
-    t["model.layers.1.self_attn.unknown.weight"] = torch.zeros(3)
-    t["model.layers.7.mlp.gate_proj.weight"] = torch.zeros(3)  # beyond the MTP layers
-    save_file(t, str(shard))
+
+    def add(t):
+        t["model.layers.1.self_attn.unknown.weight"] = torch.zeros(3)
+        t["model.layers.7.mlp.gate_proj.weight"] = torch.zeros(3)  # beyond the MTP layers
+
+    _edit_checkpoint(ckpt, "model-00001-of-00002.safetensors", add)
     with pytest.raises(ValueError) as err:
         load_hf_reference(ckpt)
     assert "model.layers.1.self_attn.unknown.weight" in str(err.value)
@@ -351,3 +368,37 @@ def test_rope_parameters_follow_yarn_only_types(cfg):
     bad = dict(cfg, rope_theta=[5e6, 1e4, 2e4, 1e4, 1e4])  # two sliding layers disagree
     with pytest.raises(NotImplementedError, match="layer 2"):
         build_text_config(bad)
+
+
+@pytest.mark.parametrize("dropped, name", [
+    ("router_bias", "model.layers.2.moe.router_bias"),
+    ("share_expert", "model.layers.2.share_expert.up_proj.weight"),
+    ("moe.gate_proj", "model.layers.3.moe.gate_proj.weight"),
+])
+def test_renames_come_from_transformers(monkeypatch, dropped, name):
+    """Negative control: without one transform of transformers' Step3p7 conversion mapping the strict load fails
+    on the names it renames, so stepconv keeps no second table of these renames."""
+    import stepconv.hf_reference as hf_reference
+
+    real = hf_reference.get_checkpoint_conversion_mapping
+
+    def without(model_type):
+        return [t for t in real(model_type) if not any(dropped in p for p in t.source_patterns)]
+
+    monkeypatch.setattr(hf_reference, "get_checkpoint_conversion_mapping", without)
+    with pytest.raises(ValueError, match="no Step3p7 destination") as err:
+        load_hf_reference(FIXTURE)
+    assert name in str(err.value)
+
+
+def test_absent_keys_take_step35config_defaults(cfg):
+    """Keys absent from config.json take Step35Config's defaults, not Step3p7TextConfig's own (top-k 8, MoE from
+    layer 3, rope_scaling on full-attention layers)."""
+    from stepconv.config import Step35Config
+    from stepconv.hf_reference import build_text_config
+
+    bare = {k: v for k, v in cfg.items() if k not in ("moe_top_k", "moe_layers_enum", "yarn_only_types")}
+    text = build_text_config(bare)
+    assert text.num_experts_per_tok == Step35Config.of(bare).top_k == 4
+    assert text.mlp_layer_types == ["dense", "sparse", "sparse", "sparse"]  # Step35Config's fallback: layers 1..L-1
+    assert [p["rope_type"] for p in text.rope_parameters.values()] == ["default", "default"]  # no type scaled

@@ -1,0 +1,338 @@
+"""One plan, several executors: the reader/writer protocol every conversion (and `inspect`) runs through.
+
+A conversion is a plan (`mapping.plan` entries grouped into `Unit`s), a `Reader` that yields each entry's
+source tensors, a `step` that turns them into target tensors (`kind.split` per TP rank, or `kind.merge`),
+and a `Writer` that puts them somewhere. `execute` drives them in this order:
+
+    writer.begin()
+    for each unit (ordered units run concurrently, one thread each; unordered units one after the other):
+        reader.open(unit); writer.start(unit)
+        for each entry of the unit (ordered: in plan order, sources read ahead on a second thread;
+                                     unordered: in any order, on the worker threads):
+            targets = step(entry, reader.read(entry)); writer.put(unit, entry, targets)
+        result = writer.end(unit); reader.close(unit)
+    writer.finish()  (not by `execute`: the caller writes its metadata last, then publishes)
+
+Implementations: legacy rank files (`megatron_io.LegacyWriter` / `LegacyReader`), HF safetensors
+(`hf_io.HFReader` / `HFWriter`), and dry runs of both (`dry=True` writers fed meta tensors by a `MetaReader`),
+which is what `stepconv inspect` runs, so it reports what the conversion code itself produces.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Protocol, Sequence
+
+import torch
+
+from .config import StepconvError
+from .mapping import Entry
+
+Progress = Callable[[int, str], None]
+Step = Callable[[Entry, list], Sequence]
+
+READ_AHEAD_BYTES = 32 << 20  # sources read per batch on the reader thread
+FIXED_OVERHEAD = 300 * 10**6  # interpreter, torch, the plan, I/O buffers (the CLI on the tiny fixture peaks at 0.24 GB)
+
+
+@dataclass
+class Unit:
+    """Entries written together by one writer thread (ordered) or spread over the pool (unordered).
+
+    hf-to-mcore: one PP stage x one EP rank (all its TP rank files), plus the MTP-head sidecar; each is
+    journaled when complete so that `--resume` skips it. A non-expert tensor is counted as consumed (for the
+    audit) by the unit with `primary` set (EP rank 0). mcore-to-hf: one PP stage (its rank files mapped at once).
+    """
+
+    name: str
+    entries: list[Entry]
+    outputs: list[str] = field(default_factory=list)  # files it produces, relative to the output root
+    stage: int | None = None
+    ep_rank: int | None = None
+    ordered: bool = True
+    primary: bool = True
+
+    def counts(self, entry: Entry) -> bool:
+        """Does this unit consume `entry`'s sources for the audit (each source element exactly once overall)?"""
+        return not entry.replica and entry.kind.sources > 0 and (entry.ep_rank is not None or self.primary)
+
+
+@dataclass(frozen=True)
+class FileStat:
+    """One written file: its size, the tensor bytes in it, its tensors and keys (`_extra_state` included)."""
+
+    bytes: int
+    data_bytes: int
+    tensors: int
+    keys: int
+
+
+@dataclass
+class UnitResult:
+    files: dict[str, FileStat] = field(default_factory=dict)  # output-relative path -> what it holds
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(f.bytes for f in self.files.values())
+
+
+class Reader(Protocol):
+    def open(self, unit: Unit) -> None:
+        """Before the unit's first read (e.g. map its rank files)."""
+
+    def read(self, entry: Entry) -> list[torch.Tensor]:
+        """The entry's source tensors; thread-safe."""
+
+    def nbytes(self, entry: Entry) -> int:
+        """Bytes `read(entry)` materialises (read-ahead batches, memory sizing)."""
+
+    def close(self, unit: Unit) -> None:
+        """After the unit's last read."""
+
+
+class Writer(Protocol):
+    def begin(self) -> None:
+        """Once, before any unit."""
+
+    def start(self, unit: Unit) -> None:
+        """Before the unit's first put (e.g. open its rank files)."""
+
+    def put(self, unit: Unit, entry: Entry, tensors: Sequence) -> None:
+        """The entry's target tensors (one per TP rank, or the HF tensors); called from the unit's threads."""
+
+    def end(self, unit: Unit) -> UnitResult:
+        """After the unit's last put: complete its files (renamed into place) and check what they hold."""
+
+
+def _read_ahead(reader: Reader, entries: Sequence[Entry]) -> Iterator[tuple[Entry, list[torch.Tensor]]]:
+    """Yield (entry, its sources) while a second thread reads the next batch, so disk reads overlap the
+    splitting and writing. Batches (up to READ_AHEAD_BYTES, or one larger entry) keep the thread hand-off off
+    the per-expert hot path; two batches are in memory at most."""
+    batches: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        n = reader.nbytes(e)
+        if batches[-1] and size + n > READ_AHEAD_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(e)
+        size += n
+    if not entries:
+        return
+    if not getattr(reader, "prefetch", True):  # nothing to overlap (a dry run's meta tensors)
+        for e in entries:
+            yield e, reader.read(e)
+        return
+
+    def load(batch: list[Entry]) -> list[list[torch.Tensor] | None]:
+        return [reader.read(e) for e in batch]
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        nxt = pool.submit(load, batches[0])
+        for i, batch in enumerate(batches):
+            loaded = nxt.result()
+            if i + 1 < len(batches):
+                nxt = pool.submit(load, batches[i + 1])
+            for k, entry in enumerate(batch):
+                srcs, loaded[k] = loaded[k], None
+                yield entry, srcs
+                del srcs
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """The converter builds no reference cycles; the collector's passes over a large plan cost ~5% of the time."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *, workers: int = 1,
+            progress: Progress | None = None,
+            unit_done: Callable[[Unit, Counter, UnitResult], None] | None = None) -> tuple[Counter, list[UnitResult]]:
+    """Run `units` through reader -> step -> writer (call order in the module docstring).
+
+    Returns the source elements consumed per HF name (for the audit) and each unit's result."""
+    lock, progress_lock = threading.Lock(), threading.Lock()
+    consumed: Counter = Counter()
+    results: list[UnitResult] = []
+
+    def advance(entry: Entry, srcs) -> None:
+        if progress:
+            with progress_lock:
+                progress(sum(s.numel() * s.element_size() for s in srcs), entry.key or entry.hf[0])
+
+    def one(unit: Unit, entry: Entry, srcs, mine: Counter) -> None:
+        try:
+            targets = step(entry, srcs)
+        except ValueError as e:  # a kind's layout check
+            raise StepconvError(f"{entry.key or entry.hf[0]}: {e}") from None
+        writer.put(unit, entry, targets)
+        if unit.counts(entry):
+            with lock:  # unordered units count from several threads
+                for h, t in zip(entry.hf, srcs):
+                    mine[h] += t.numel()
+        advance(entry, srcs)
+
+    def finish(unit: Unit, mine: Counter) -> UnitResult:
+        res = writer.end(unit)
+        reader.close(unit)
+        if unit_done:
+            unit_done(unit, mine, res)
+        return res
+
+    @gc_paused()
+    def ordered(unit: Unit) -> tuple[Counter, UnitResult]:
+        mine: Counter = Counter()
+        reader.open(unit)
+        writer.start(unit)
+        for entry, srcs in _read_ahead(reader, unit.entries):
+            one(unit, entry, srcs, mine)
+        return mine, finish(unit, mine)
+
+    writer.begin()
+    with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
+        for c, res in pool.map(ordered, [u for u in units if u.ordered]):
+            consumed.update(c)
+            results.append(res)
+        for unit in (u for u in units if not u.ordered):
+            mine: Counter = Counter()
+            reader.open(unit)
+            writer.start(unit)
+            with gc_paused():
+                list(pool.map(lambda e: one(unit, e, reader.read(e), mine), unit.entries))
+            consumed.update(mine)
+            results.append(finish(unit, mine))
+    return consumed, results
+
+
+# --- memory: the one function that sizes the thread pool and that `inspect` prints ------------------------
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many units run at once and the memory that takes: `workers x per_worker + fixed`."""
+
+    workers: int
+    largest_bytes: int  # the largest set of tensors one entry materialises
+    largest_name: str
+    factor: int  # copies of it one worker holds at once
+    extra_bytes: int  # per worker besides those copies (read-ahead batches)
+    fixed_bytes: int = FIXED_OVERHEAD
+
+    @property
+    def per_worker(self) -> int:
+        return self.factor * self.largest_bytes + self.extra_bytes
+
+    @property
+    def total(self) -> int:
+        return self.workers * self.per_worker + self.fixed_bytes
+
+    def formula(self, size: Callable[[int], str]) -> str:
+        extra = f" + {size(self.extra_bytes)} read-ahead" if self.extra_bytes else ""
+        return (f"{size(self.total)} = {self.workers} worker(s) x ({self.factor} x {size(self.largest_bytes)}{extra})"
+                f" + {size(self.fixed_bytes)} fixed")
+
+
+def plan_workers(units: Sequence[Unit], entry_bytes: Callable[[Entry], int], *, factor: int, read_ahead: bool,
+                 jobs: int | None, budget: int | None) -> WorkerPlan:
+    """Workers within `budget` bytes (default half the RAM) and `jobs` threads (default the CPU count).
+
+    hf-to-mcore holds, per worker, the entry being split, its TP shards and the batch read ahead (factor 3,
+    two read-ahead batches); mcore-to-hf holds an entry's TP shards and the merged tensor (factor 2)."""
+    best, name = 0, ""
+    for u in units:
+        for e in u.entries:
+            n = entry_bytes(e)
+            if n > best:
+                best, name = n, " + ".join(e.hf) + (f" (expert {e.expert})" if e.expert is not None else "")
+    extra = 2 * READ_AHEAD_BYTES if read_ahead else 0
+    budget = budget if budget is not None else default_max_memory()
+    one = WorkerPlan(1, best, name, factor, extra)
+    if budget < one.per_worker:
+        raise StepconvError(f"--max-memory {budget / 2**30:.2f} GiB is below the largest tensor working set "
+                            f"{one.per_worker / 2**30:.2f} GiB; allow at least that much")
+    parallel = len([u for u in units if u.ordered]) or 1
+    if any(not u.ordered for u in units):
+        parallel = max(parallel, max(len(u.entries) for u in units if not u.ordered))
+    workers = max(1, min(jobs or os.cpu_count() or 1, parallel, budget // max(one.per_worker, 1)))
+    return WorkerPlan(workers, best, name, factor, extra)
+
+
+def default_max_memory() -> int:
+    """Half the machine's RAM."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    except (ValueError, OSError, AttributeError):
+        return 8 << 30
+
+
+# --- publication --------------------------------------------------------------------------------------------
+@contextmanager
+def staging(out: Path, overwrite: bool, resume: bool = False) -> Iterator[Path]:
+    """Build in `<out>.partial`, rename into place only when complete.
+
+    On an error the partial folder is removed, except with `resume`, where it is kept for the next
+    `--resume` run (a kill -9 keeps it anyway; nothing in it carries a final name until complete).
+    """
+    if out.exists() and not overwrite:
+        raise StepconvError(f"{out}: already exists; pass --overwrite to replace it or -o to choose another folder")
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.exists() and not resume:
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    try:
+        yield tmp
+    except BaseException:
+        if not resume:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(out.name + ".replaced")
+        shutil.rmtree(old, ignore_errors=True)
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)
+
+
+class Journal:
+    """`<out>.partial/.stepconv-journal.json`: which units are complete, and what each consumed."""
+
+    NAME = ".stepconv-journal.json"
+
+    def __init__(self, root: Path, fingerprint: str):
+        self.path = root / self.NAME
+        self.fingerprint = fingerprint
+        self.done: dict[str, dict] = {}
+        self.lock = threading.Lock()
+
+    def load(self) -> None:
+        try:
+            data = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return
+        if data.get("fingerprint") == self.fingerprint:
+            self.done = data.get("done", {})
+
+    def complete(self, unit: Unit, consumed: Counter, result: UnitResult) -> None:
+        with self.lock:
+            self.done[unit.name] = {"outputs": unit.outputs, "consumed": dict(consumed)}
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done}))
+            os.replace(tmp, self.path)
+
+    def remove(self) -> None:
+        self.path.unlink(missing_ok=True)
