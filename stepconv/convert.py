@@ -21,8 +21,7 @@ import torch
 from . import __version__
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
 from .engine import Journal, Progress, Unit, WorkerPlan, default_max_memory, execute, plan_workers, staging
-from .hf_io import (HFCheckpoint, HFReader, HFWriter, TensorInfo, copy_files, hf_tensor_problems, parse_size,
-                    read_safetensors_tensor)
+from .hf_io import HFCheckpoint, HFReader, HFWriter, TensorInfo, copy_files, hf_tensor_problems, parse_size
 from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
 from .megatron_io import (MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter, load_rank_file,
@@ -306,7 +305,8 @@ class ExportPlan:
 
     def reader(self, *, meta: bool = False) -> LegacyReader:
         return LegacyReader(self.source.path, self.layout, rank_keys(self.entries, self.layout), self.spec,
-                            first=self.first, meta=meta)
+                            first=self.first, meta=meta,
+                            heads=self.source.root / SIDECAR / MTP_HEADS if self.use_sidecar else None)
 
     def step(self, entry: Entry, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         """TP shards -> (HF name, tensor) pairs; output_layer also fills the MTP heads when there is no sidecar."""
@@ -412,12 +412,6 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         execute(units, reader, writer, pl.step, workers=workers.workers, progress=progress)
         summary.bytes_read = reader.bytes_read
         summary.notes += export_notes(pl)
-        if pl.use_sidecar:
-            for name in pl.head_names:
-                t = read_safetensors_tensor(root / SIDECAR / MTP_HEADS, name)
-                writer.put_tensor(name, t)
-                if progress:
-                    progress(t.numel() * t.element_size(), name)
         incomplete = writer.finish()
         if incomplete:
             raise StepconvError(f"audit failed, not publishing: HF tensor(s) not fully written: "

@@ -178,8 +178,9 @@ def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *
     def one(unit: Unit, entry: Entry, srcs, mine: Counter) -> None:
         try:
             targets = step(entry, srcs)
-        except ValueError as e:  # a kind's layout check
-            raise StepconvError(f"{entry.key or entry.hf[0]}: {e}") from None
+        except (ValueError, RuntimeError) as e:  # a kind's layout check, or shapes torch cannot join
+            where = " <-> ".join(x for x in (entry.key, ", ".join(entry.hf)) if x)
+            raise StepconvError(f"{where}: {str(e).splitlines()[0]}") from None
         writer.put(unit, entry, targets)
         if unit.counts(entry):
             with lock:  # unordered units count from several threads

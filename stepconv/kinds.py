@@ -117,8 +117,8 @@ class Replicate(Kind):
         return srcs[0][:]
 
     def merge(self, shards, ctx):
-        for r, s in enumerate(shards[1:], 1):
-            if not torch.equal(s, shards[0]):
+        for r, s in enumerate(shards[1:], 1):  # (meta tensors of a dry run: shapes and dtypes only)
+            if s.shape != shards[0].shape or s.dtype != shards[0].dtype or not (s.is_meta or torch.equal(s, shards[0])):
                 raise ValueError(f"replicated tensor differs between TP rank 0 and TP rank {r}")
         return (shards[0],)
 

@@ -29,7 +29,7 @@ import torch
 
 from .config import StepconvError, names_text
 from .engine import FileStat, Unit, UnitResult
-from .hf_io import SafetensorsWriter, TensorInfo
+from .hf_io import SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .mapping import Entry, Layout
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -376,8 +376,9 @@ class LegacyReader:
     shapes and dtypes (for `inspect`: everything is checked, no tensor byte is read)."""
 
     def __init__(self, itdir: Path, layout: Layout, expected: dict[tuple[int, int, int], list[str]], spec: str, *,
-                 first: dict | None = None, meta: bool = False):
+                 first: dict | None = None, meta: bool = False, heads: Path | None = None):
         self.itdir, self.layout, self.expected, self.spec, self.meta = itdir, layout, expected, spec, meta
+        self.heads = heads  # stepconv's MTP-head sidecar, when it belongs to this iteration
         self._first = first  # rank (0, 0, 0)'s already loaded file
         self._models: dict[tuple[int, int], dict] = {}
         self._ranges: list[tuple[int, int]] = []
@@ -390,12 +391,17 @@ class LegacyReader:
 
     def units(self, entries: list[Entry]) -> list[Unit]:
         """One unordered unit per PP stage: every weight entry (not the MTP stage's embedding copy)."""
-        return [Unit(f"stage {s}", [e for e in entries if e.stage == s and e.kind.megatron and e.kind.sources
-                                    and not e.replica], stage=s, ordered=False)
-                for s in range(self.layout.pp_size)]
+        units = [Unit(f"stage {s}", [e for e in entries if e.stage == s and e.kind.megatron and e.kind.sources
+                                     and not e.replica], stage=s, ordered=False)
+                 for s in range(self.layout.pp_size)]
+        if self.heads is not None:
+            units.append(Unit("mtp-heads", [e for e in entries if not e.kind.megatron], ordered=False))
+        return units
 
     def open(self, unit: Unit) -> None:
         lay = self.layout
+        if unit.stage is None:  # the sidecar
+            return
         for p in range(lay.ep_size):
             for t in range(lay.tp_size):
                 path = self.path(t, unit.stage, p)
@@ -419,6 +425,13 @@ class LegacyReader:
         return 0
 
     def read(self, entry: Entry) -> list[torch.Tensor]:
+        if not entry.kind.megatron:
+            if self.meta:
+                return [torch.empty(entry.hf_shapes[0], dtype=torch.bfloat16, device="meta")]
+            t = read_safetensors_tensor(self.heads, entry.hf[0])
+            with self._lock:
+                self.bytes_read += t.numel() * t.element_size()
+            return [t]
         p = entry.ep_rank if entry.ep_rank is not None else 0
         parts = [self._models[(t, p)][entry.key] for t in range(self.layout.tp_size)]
         for t, s in enumerate(parts):

@@ -10,6 +10,7 @@ from conftest import bit_equal, load_hf
 from stepconv import convert, mapping
 from stepconv.config import AttnShape, StepconvError
 from stepconv.convert import hf_to_mcore, mcore_to_hf
+from stepconv.inspect import inspect_path
 from stepconv.megatron_io import load_rank_file, rank_dir_name
 
 LAYOUTS = [  # (tp, pp, ep, spec, dtype)
@@ -25,11 +26,30 @@ LAYOUTS = [  # (tp, pp, ep, spec, dtype)
 ]
 
 
+def assert_inspect_matches(hf, m, h, max_shard_size="5GB", **opts):
+    """`inspect` (a dry run) predicts every file both conversions wrote: names, bytes, tensors and keys, exactly."""
+    r = inspect_path(hf, **opts)
+    assert r.ok, r.errors
+    files = {str(p.relative_to(m)): p for p in m.glob("release/*/model_optim_rng.pt")}
+    assert sorted(f.name for f in r.rank_files) == sorted(files)
+    for f in r.rank_files:
+        model = load_rank_file(files[f.name])["model"]
+        tensors = [v for v in model.values() if isinstance(v, torch.Tensor)]
+        assert (f.bytes, f.keys, f.tensors, f.data_bytes) == (
+            files[f.name].stat().st_size, len(model), len(tensors), sum(t.numel() * t.element_size() for t in tensors))
+    assert {f.name: f.bytes for f in r.sidecar_files} == {
+        str(p.relative_to(m)): p.stat().st_size for p in (m / "stepconv").glob("*.safetensors")}
+    back = inspect_path(m, max_shard_size=max_shard_size)
+    assert back.ok, back.errors
+    assert {f.name: f.bytes for f in back.hf_files} == {p.name: p.stat().st_size for p in h.glob("*.safetensors")}
+
+
 @pytest.mark.parametrize("tp,pp,ep,spec,dtype", LAYOUTS)
 def test_round_trip_is_bit_exact(tmp_path, fixture_dir, fixture_tensors, tp, pp, ep, spec, dtype):
     m, h = tmp_path / "m", tmp_path / "h"
     hf_to_mcore(fixture_dir, m, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype)
     mcore_to_hf(m, h, max_shard_size="200KB")
+    assert_inspect_matches(fixture_dir, m, h, "200KB", tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype)
     back = load_hf(h)
     assert set(back) == set(fixture_tensors)
     bad = [n for n in fixture_tensors if not bit_equal(back[n], fixture_tensors[n])]
@@ -49,6 +69,7 @@ def test_round_trip_at_tp8(tmp_path):
         m, h = tmp_path / f"m{tp}{ep}", tmp_path / f"h{tp}{ep}"
         hf_to_mcore(hf, m, tp=tp, ep=ep)
         mcore_to_hf(m, h)
+        assert_inspect_matches(hf, m, h, tp=tp, ep=ep)
         back = load_hf(h)
         assert set(back) == set(src) and all(bit_equal(back[n], src[n]) for n in src)
 
