@@ -31,6 +31,7 @@ where the samples land.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -83,15 +84,29 @@ def checkpoint_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     return hf_shapes(Step35Config.from_dict(cfg))
 
 
-def _nbytes(name: str, shape) -> int:
+@functools.lru_cache(maxsize=8)
+def _dtypes(cfg_json: str) -> dict[str, torch.dtype]:
+    from stepconv.config import Step35Config
+    from stepconv.convert import config_dtypes
+
+    return config_dtypes(Step35Config.from_dict(json.loads(cfg_json)))
+
+
+def checkpoint_dtypes(cfg: dict) -> dict[str, torch.dtype]:
+    """The converter's own dtype rule (config torch_dtype; the router bias fp32)."""
+    return _dtypes(json.dumps(cfg, sort_keys=True))
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
     n = 1
     for d in shape:
         n *= d
-    return n * (4 if name.endswith("router_bias") else 2)
+    return n * dtype.itemsize
 
 
 def checkpoint_bytes(cfg: dict) -> int:
-    return sum(_nbytes(n, s) for n, s in checkpoint_shapes(cfg).items())
+    dtypes = checkpoint_dtypes(cfg)
+    return sum(_nbytes(dtypes[n], s) for n, s in checkpoint_shapes(cfg).items())
 
 
 def scale_for(target_gb: float, **kw) -> int:
@@ -111,10 +126,10 @@ def _block() -> torch.Tensor:
     return torch.cat([b, b])
 
 
-def _fill(name: str, shape, block: torch.Tensor) -> torch.Tensor:
-    if name.endswith("router_bias"):
+def _fill(name: str, shape, dtype: torch.dtype, block: torch.Tensor) -> torch.Tensor:
+    if dtype != torch.bfloat16:  # the router bias (fp32): small, random
         g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-        return torch.randn(*shape, generator=g) * 0.1
+        return (torch.randn(*shape, generator=g) * 0.1).to(dtype)
     t = torch.empty(shape, dtype=torch.bfloat16)
     flat = t.view(-1)
     src = block[zlib.crc32(name.encode()) % _BLOCK:][:_BLOCK]  # a per-tensor rotation of one random block
@@ -134,11 +149,11 @@ def make_synthetic(out: str | os.PathLike, scale: int = 16, *, shard_bytes: int 
         shutil.rmtree(out)
     out.mkdir(parents=True)
     cfg = synth_config(scale, **kw)
-    shapes = checkpoint_shapes(cfg)
+    shapes, dtypes = checkpoint_shapes(cfg), checkpoint_dtypes(cfg)
     names = list(shapes)
     shards, cur, size = [], [], 0
     for n in names:
-        b = _nbytes(n, shapes[n])
+        b = _nbytes(dtypes[n], shapes[n])
         if cur and size + b > shard_bytes:
             shards.append(cur)
             cur, size = [], 0
@@ -150,22 +165,22 @@ def make_synthetic(out: str | os.PathLike, scale: int = 16, *, shard_bytes: int 
     t0 = time.time()
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: _fill(n, shapes[n], block) for n in shard}
+        tensors = {n: _fill(n, shapes[n], dtypes[n], block) for n in shard}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         for n in shard:
             weight_map[n] = fname
-            total += _nbytes(n, shapes[n])
+            total += _nbytes(dtypes[n], shapes[n])
         del tensors
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]}, indent=2) + "\n")
-    largest = max(names, key=lambda n: _nbytes(n, shapes[n]))
+    largest = max(names, key=lambda n: _nbytes(dtypes[n], shapes[n]))
     return {"path": str(out), "scale": scale, "hidden": cfg["hidden_size"], "layers": cfg["num_hidden_layers"],
             "mtp": cfg["num_nextn_predict_layers"], "experts": cfg["moe_num_experts"], "vocab": cfg["vocab_size"],
             "tensors": len(names), "files": len(shards), "bytes": total, "disk_bytes": du(out),
-            "largest_tensor": largest, "largest_tensor_bytes": _nbytes(largest, shapes[largest]),
+            "largest_tensor": largest, "largest_tensor_bytes": _nbytes(dtypes[largest], shapes[largest]),
             "seconds": round(time.time() - t0, 2)}
 
 

@@ -67,6 +67,15 @@ def _check_distinct(src: Path, out: Path) -> None:
         raise StepconvError(f"output {out} must not be the input folder {src} or inside it")
 
 
+def _options(cls, options: dict[str, Any]):
+    """`cls(**options)`, naming the valid options when one is unknown (a library caller's typo)."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
+    return cls(**options)
+
+
 # --- HF -> Megatron --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ImportOptions:
@@ -85,11 +94,7 @@ class ImportOptions:
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "ImportOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
-        return cls(**options)
+        return _options(cls, options)
 
     @property
     def layout(self) -> Layout:
@@ -376,11 +381,7 @@ class ExportOptions:
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "ExportOptions":
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(options) - known)
-        if unknown:
-            raise TypeError(f"unknown option(s) {', '.join(unknown)}; expected {', '.join(sorted(known))}")
-        return cls(**options)
+        return _options(cls, options)
 
 
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
