@@ -14,7 +14,7 @@ from stepconv.mcore.run import run_ranks
 # ------------------------------------------------------------------------------------------ names
 
 def _released_gptmodel(cfg: dict):
-    """GPTModel exactly as released megatron-core builds it with the local spec (cf. /work/scratch/probe.py)."""
+    """GPTModel exactly as released megatron-core builds it with the local spec."""
     from megatron.core import parallel_state as ps
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import (get_gpt_decoder_block_spec, get_gpt_layer_local_spec,

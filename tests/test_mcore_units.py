@@ -1,38 +1,26 @@
-"""stepconv.mcore building blocks against formulas written here from the spec
-(/work/shared/spec/step35-architecture.md 3-5). In-process, no torch.distributed."""
+"""stepconv.mcore building blocks against formulas written here from the Step-3.5 architecture notes ("the
+spec" below; section numbers are its). In-process, no torch.distributed."""
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import ROOT
+from stepconv.config import StepconvError, padded_vocab_size
+from stepconv.megatron_io import rank_dir_name, resolve_iteration
 from stepconv.mcore import hfconfig
-from stepconv.mcore.ckpt import rank_dir_name, resolve_checkpoint_dir
-from stepconv.mcore.testing import qkvg_rank_rows
+from stepconv.mcore.ckpt import as_rank_loader
+from stepconv.mcore.testing import qkvg_rank_rows, write_mcore_checkpoint
 
 modules = pytest.importorskip("stepconv.mcore.modules")
 
 
 def real_config() -> dict:
-    """The Step-3.5-Flash fields this module reads (spec 1.1), 45 layers + 3 MTP."""
-    n = 48
-    full = [i % 4 == 0 for i in range(n)]
-    return {
-        "hidden_size": 4096, "num_hidden_layers": 45, "num_nextn_predict_layers": 3, "vocab_size": 128896,
-        "num_attention_heads": 64, "num_attention_groups": 8, "head_dim": 128,
-        "attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 96,
-                                    "num_attention_groups": 8, "head_dim": 128, "true_head_dim": 128},
-        "layer_types": ["full_attention" if f else "sliding_attention" for f in full],
-        "rope_theta": [5e6 if f else 1e4 for f in full],
-        "partial_rotary_factors": [0.5 if f else 1.0 for f in full],
-        "rope_scaling": {"rope_type": "llama3", "factor": 2.0, "original_max_position_embeddings": 131072,
-                         "low_freq_factor": 1.0, "high_freq_factor": 32.0},
-        "yarn_only_types": ["full_attention"], "use_rope_layers": [], "sliding_window": 512,
-        "moe_layers_enum": ",".join(str(i) for i in range(3, 45)),
-        "swiglu_limits": [0.0] * 43 + [7, 7] + [0.0] * 3,
-        "swiglu_limits_shared": [0.0] * 44 + [16] + [0.0] * 3,
-    }
+    """Step-3.5-Flash's own config.json (spec 1.1): 45 layers + 3 MTP."""
+    return json.loads((ROOT / "fixtures" / "step3p5-flash-config.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------- norms / MLP
@@ -147,7 +135,7 @@ def test_layer_infos_real_config():
     assert [(i.index, i.swiglu_limit_shared) for i in infos if i.swiglu_limit_shared] == [(44, 16.0)]
     for i in infos[45:]:  # MTP: dense sliding layers
         assert i.is_mtp and not i.is_moe and i.layer_type == "sliding_attention" and i.num_heads == 96
-    assert hfconfig.padded_vocab_size(128896, 8) == 129024 and hfconfig.padded_vocab_size(1100, 4) == 1536
+    assert padded_vocab_size(128896, 8) == 129024 and padded_vocab_size(1100, 4) == 1536
 
 
 def test_qkvg_rank_rows_layout():
@@ -164,24 +152,50 @@ def test_qkvg_rank_rows_layout():
             want += list(range(3000 + grp * hd, 3000 + (grp + 1) * hd))
         want += list(range(4000 + r * nh // tp, 4000 + (r + 1) * nh // tp))
         assert rows[r] == want
-    try:  # the converter's own splitter must agree
-        from stepconv.config import AttnShape
-        from stepconv.layout import qkvg_split
-    except ImportError:
-        return
+    from stepconv.config import AttnShape  # the converter's own splitter must agree
+    from stepconv.kinds import QKVG_, SplitContext
+
     for r in range(tp):
-        assert qkvg_split(q, k, v, g, AttnShape(nh, ng, hd), tp, r)[:, 0].int().tolist() == rows[r]
+        assert QKVG_.split([q, k, v, g], SplitContext(tp, AttnShape(nh, ng, hd)), r)[:, 0].int().tolist() == rows[r]
 
 
-def test_checkpoint_dir_resolution(tmp_path):
-    assert rank_dir_name(1, 2, 3, pp=4, ep=8) == "mp_rank_01_002_003"
-    assert rank_dir_name(1, 0, 3, pp=1, ep=8) == "mp_rank_01_003"
-    assert rank_dir_name(0, 1, 0, pp=2, ep=1) == "mp_rank_00_001"
-    (tmp_path / "release" / "mp_rank_00").mkdir(parents=True)
-    assert resolve_checkpoint_dir(tmp_path) == tmp_path / "release"
-    assert resolve_checkpoint_dir(tmp_path / "release") == tmp_path / "release"
-    (tmp_path / "iter_0000007" / "mp_rank_00").mkdir(parents=True)
+def test_build_transformer_config_real_config_and_refusals():
+    from stepconv.mcore.model import build_transformer_config
+
+    cfg = real_config()
+    tc = build_transformer_config(cfg, tp=1, pp=1, ep=1)
+    assert (tc.num_layers, tc.num_attention_heads, tc.num_query_groups, tc.kv_channels) == (45, 64, 8, 128)
+    assert (tc.num_moe_experts, tc.moe_router_topk, tc.moe_router_score_function) == (288, 8, "sigmoid")
+    assert (tc.moe_router_enable_expert_bias, tc.moe_router_topk_scaling_factor, tc.moe_router_dtype) == \
+        (True, 3.0, "fp32")
+    assert tc.moe_layer_freq == [0, 0, 0] + [1] * 42 and tc.mtp_num_layers == 3
+    # absent keys take Step35Config's defaults (softmax router), which this model refuses rather than
+    # silently assuming sigmoid
+    for change in ({"moe_router_activation": None}, {"moe_router_activation": "softmax"}, {"moe_top_k": 1},
+                   {"use_moe_router_bias": False}, {"norm_expert_weight": False}, {"att_impl_type": "MFA"},
+                   {"sink": True}, {"tie_word_embeddings": True}):
+        bad = {k: v for k, v in {**cfg, **change}.items() if v is not None}
+        with pytest.raises(NotImplementedError):
+            build_transformer_config(bad, tp=1, pp=1, ep=1)
+    # a dense model has no router: its options are not checked
+    dense = {k: v for k, v in cfg.items() if not k.startswith(("moe_", "use_moe"))} | {"num_nextn_predict_layers": 0}
+    assert build_transformer_config(dense, tp=1, pp=1, ep=1).num_moe_experts is None
+
+
+def test_rank_dir_names_and_iteration_folders(tmp_path):
+    """The runner names rank folders and finds the iteration folder through stepconv.megatron_io."""
+    assert rank_dir_name(1, 2, 3, 4, 8) == "mp_rank_01_002_003"
+    assert rank_dir_name(1, 0, 3, 1, 8) == "mp_rank_01_003"
+    assert rank_dir_name(0, 1, 0, 2, 1) == "mp_rank_00_001"
+    sds = {(r, p, 0): {"who": torch.tensor([r, p])} for r in range(2) for p in range(2)}
+    write_mcore_checkpoint(tmp_path, sds, tp=2, pp=2, ep=1)  # release/ + tracker
+    (tmp_path / "iter_0000007").mkdir()
+    for path in (tmp_path, tmp_path / "release"):  # the root (tracker) and the iteration folder itself
+        assert resolve_iteration(path).path == tmp_path / "release"
+        load = as_rank_loader(path, pp=2, ep=1)
+        assert [load(r, p, 0)["who"].tolist() for r in range(2) for p in range(2)] == [[0, 0], [0, 1], [1, 0], [1, 1]]
     (tmp_path / "latest_checkpointed_iteration.txt").write_text("7\n")
-    assert resolve_checkpoint_dir(tmp_path) == tmp_path / "iter_0000007"
-    with pytest.raises(FileNotFoundError):
-        resolve_checkpoint_dir(tmp_path / "nothing")
+    assert resolve_iteration(tmp_path).path == tmp_path / "iter_0000007"
+    (tmp_path / "latest_checkpointed_iteration.txt").unlink()
+    with pytest.raises(StepconvError):  # a root needs its tracker
+        as_rank_loader(tmp_path, pp=2, ep=1)

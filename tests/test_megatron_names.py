@@ -85,6 +85,7 @@ def _worker(rank, world, tp, pp, ep, port, cfg, mdir, out):
     torch.distributed.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tp,pp,ep", [(2, 1, 1), (1, 2, 1), (2, 1, 2)])
 def test_local_spec_names_and_shapes_match_megatron_core(tmp_path, tp, pp, ep):
     from stepconv.mcore.runtime import free_port

@@ -7,6 +7,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import make_fixture
 
 
@@ -23,6 +25,7 @@ def cli(*args):
     return [sys.executable, "-m", "stepconv.cli", *map(str, args)]
 
 
+@pytest.mark.slow
 def test_kill_9_then_resume_is_byte_identical(tmp_path):
     hf = make_fixture.make_checkpoint(tmp_path / "hf", num_layers=8, hidden=1024, ffn=1024, moe_ffn=512, experts=8)
     ref = tmp_path / "ref"

@@ -31,6 +31,7 @@ def _peak_mb(direction, src, dst) -> float:
     return r["peak_kb"] / 1024
 
 
+@pytest.mark.slow
 def test_peak_rss_is_flat_in_layer_count(tmp_path):
     sizes, peaks_in, peaks_out = {}, {}, {}
     for layers in (4, 8, 16):

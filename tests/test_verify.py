@@ -86,6 +86,7 @@ def test_verify_fails_on_broken_checkpoints(converted, fixture_dir, tmp_path, ed
     assert r.first_divergent_layer == 1  # the per-layer comparison points at the broken layer
 
 
+@pytest.mark.slow
 def test_cli_verify_json_and_exit_codes(converted, fixture_dir, tmp_path):
     out = tmp_path / "r.json"
     p = subprocess.run([sys.executable, "-m", "stepconv.cli", "verify", str(fixture_dir), str(converted[(4, 1, 1)]),

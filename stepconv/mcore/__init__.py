@@ -8,8 +8,10 @@ Public API (imported lazily, so ``import stepconv.mcore`` does not import megatr
   window_convention="hf")`` -> ``Step35GPTModel`` (a ``GPTModel``) (``stepconv.mcore.model``)
 - ``megatron_forward(loader, hf_config, input_ids, *, tp, pp, ep, ...)`` and ``run_ranks``
   (``stepconv.mcore.run``)
-- checkpoint helpers in ``stepconv.mcore.ckpt``; per-layer config facts in ``stepconv.mcore.hfconfig``;
-  test oracles (reference forward, HF->rank layout) in ``stepconv.mcore.testing``.
+- rank loaders (checkpoint folder, mapping, callable) in ``stepconv.mcore.ckpt``; per-layer facts, derived
+  from ``stepconv.config.Step35Config``, in ``stepconv.mcore.hfconfig``; test oracles (reference forward,
+  HF->rank layout) in ``stepconv.mcore.testing``. Rank folder names and iteration folders are
+  ``stepconv.megatron_io``'s (``rank_dir_name``, ``resolve_iteration``).
 """
 
 from __future__ import annotations
@@ -26,9 +28,6 @@ _EXPORTS = {
     "Step35GPTModel": "model",
     "megatron_forward": "run",
     "run_ranks": "run",
-    "load_rank_state_dict": "ckpt",
-    "rank_dir_name": "ckpt",
-    "resolve_checkpoint_dir": "ckpt",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,8 +1,9 @@
-"""Per-layer facts of a Step-3.5 ``config.json`` (no megatron imports here).
+"""Per-layer facts of a Step-3.5 ``config.json`` for the megatron-core model (no megatron imports here).
 
-Spec: /work/shared/spec/step35-architecture.md sections 1, 3-5. Layer indices are HF's: main decoder
-layers are ``0 .. num_hidden_layers-1``; MTP layer ``k`` is ``num_hidden_layers + k`` and reads the
-per-layer lists at that index.
+Every config fact comes from ``stepconv.config.Step35Config`` (the one reader of config.json and home of its
+defaults); this module only arranges them per layer, as the Step-3.5 architecture notes describe attention,
+RoPE and the MLPs. Layer indices are HF's: main decoder layers are ``0 .. num_hidden_layers-1``; MTP layer
+``k`` is ``num_hidden_layers + k`` and reads the per-layer lists at that index.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from ..config import Step35Config, padded_vocab_size  # noqa: F401  (one source for config facts)
+from ..config import Step35Config
 
 WINDOW_CONVENTIONS = ("hf", "megatron")
 
@@ -45,51 +46,22 @@ class Step35LayerInfo:
     swiglu_limit_shared: float  # shared expert and dense MLP (0: no clamp)
 
 
-def _per_layer(cfg: dict, key: str, i: int, default=None):
-    v = cfg.get(key, default)
-    if isinstance(v, (list, tuple)):
-        if i >= len(v):
-            raise ValueError(f"config[{key!r}] has {len(v)} entries, layer {i} requested")
-        return v[i]
-    return v
+def layer_info(hf_config: Step35Config | dict, i: int, window_convention: str = "hf") -> Step35LayerInfo:
+    """HF layer i's attention shape, RoPE, window, MoE flag and SwiGLU clamps.
 
-
-def moe_layer_set(cfg: dict) -> set[int]:
-    """HF/vLLM read only ``moe_layers_enum``; without it they fall back to range(1, num_hidden_layers)."""
-    return set(Step35Config(raw=cfg).moe_layers)
-
-
-def num_mtp_layers(cfg: dict) -> int:
-    return Step35Config(raw=cfg).num_mtp
-
-
-def rms_norm_eps(cfg: dict) -> float:
-    return Step35Config(raw=cfg).eps
-
-
-def attention_shape(cfg: dict, i: int) -> tuple[str, int, int, int]:
-    """(layer_type, num_heads, num_kv_groups, head_dim) of HF layer i."""
-    c = Step35Config(raw=cfg)
-    a = c.attn(i)
-    return (c.layer_type(i), a.heads, a.groups, a.head_dim)
-
-
-def layer_info(cfg: dict, i: int, window_convention: str = "hf") -> Step35LayerInfo:
+    Example: ``layer_info(cfg, 1).window_keys == 512`` for Step-3.5-Flash (``sliding_window`` 512, "hf"
+    convention: the window counts the query itself; "megatron" gives 513).
+    """
     if window_convention not in WINDOW_CONVENTIONS:
         raise ValueError(f"window_convention must be one of {WINDOW_CONVENTIONS}, got {window_convention!r}")
-    L = int(cfg["num_hidden_layers"])
-    layer_type, nh, ng, hd = attention_shape(cfg, i)
-    theta = float(_per_layer(cfg, "rope_theta", i, 10000.0))
-    prf = float(_per_layer(cfg, "partial_rotary_factors", i, 1.0) or 1.0)
-    rotary_dim = int(hd * prf)  # HF: int(head_dim * partial_rotary_factor)
+    c = Step35Config.of(hf_config)
+    layer_type, a = c.layer_type(i), c.attn(i)
+    rotary_dim = int(a.head_dim * c.rotary_factor(i)) if c.uses_rope(i) else 0  # HF: int(head_dim * factor)
     if rotary_dim % 2:
         raise ValueError(f"layer {i}: odd rotary dim {rotary_dim}")
-    use_rope_layers = cfg.get("use_rope_layers") or []
-    if use_rope_layers and not use_rope_layers[i]:
-        rotary_dim = 0
-    rs = cfg.get("rope_scaling") or None
+    rs = c.rope_scaling
     scaling = None
-    if rs and layer_type in (cfg.get("yarn_only_types") or []):
+    if rs and layer_type in c.yarn_only_types:
         rtype = rs.get("rope_type", rs.get("type"))
         if rtype != "llama3":
             raise NotImplementedError(f"rope_scaling type {rtype!r} (only llama3 is used by Step-3.5)")
@@ -97,21 +69,18 @@ def layer_info(cfg: dict, i: int, window_convention: str = "hf") -> Step35LayerI
                                     float(rs["high_freq_factor"]),
                                     int(rs["original_max_position_embeddings"]))
     window = None
-    if layer_type == "sliding_attention" and cfg.get("sliding_window"):
-        w = int(cfg["sliding_window"])
-        window = w if window_convention == "hf" else w + 1
-    is_moe = i < L and i in moe_layer_set(cfg)
-    lim = float(_per_layer(cfg, "swiglu_limits", i, 0.0) or 0.0)
-    lim_sh = float(_per_layer(cfg, "swiglu_limits_shared", i, 0.0) or 0.0)
-    return Step35LayerInfo(index=i, is_mtp=i >= L, layer_type=layer_type, num_heads=nh, num_groups=ng,
-                           head_dim=hd, rope_theta=theta, rotary_dim=rotary_dim, rope_scaling=scaling,
-                           window_keys=window, is_moe=is_moe, swiglu_limit=lim,
-                           swiglu_limit_shared=lim_sh)
+    if layer_type == "sliding_attention" and c.sliding_window:
+        window = c.sliding_window if window_convention == "hf" else c.sliding_window + 1
+    return Step35LayerInfo(index=i, is_mtp=i >= c.num_layers, layer_type=layer_type, num_heads=a.heads,
+                           num_groups=a.groups, head_dim=a.head_dim, rope_theta=c.rope_theta(i),
+                           rotary_dim=rotary_dim, rope_scaling=scaling, window_keys=window, is_moe=c.is_moe(i),
+                           swiglu_limit=c.swiglu_limit(i), swiglu_limit_shared=c.swiglu_limit_shared(i))
 
 
-def all_layer_infos(cfg: dict, window_convention: str = "hf") -> list[Step35LayerInfo]:
-    n = int(cfg["num_hidden_layers"]) + num_mtp_layers(cfg)
-    return [layer_info(cfg, i, window_convention) for i in range(n)]
+def all_layer_infos(hf_config: Step35Config | dict, window_convention: str = "hf") -> list[Step35LayerInfo]:
+    """``layer_info`` of every main layer, then every MTP layer."""
+    c = Step35Config.of(hf_config)
+    return [layer_info(c, i, window_convention) for i in range(c.num_layers + c.num_mtp)]
 
 
 def rope_inv_freq(info: Step35LayerInfo, device=None) -> torch.Tensor:

@@ -44,8 +44,8 @@ from megatron.core.transformer.transformer_layer import (
     get_transformer_layer_offset,
 )
 
-from . import hfconfig
-from .hfconfig import Step35LayerInfo
+from ..config import Step35Config
+from .hfconfig import Step35LayerInfo, all_layer_infos
 from .runtime import compat_patches, cpu_tensor_cuda_is_identity
 from .modules import (
     Step35CoreAttention,
@@ -63,20 +63,17 @@ _LOCAL_SHARDED_KEYS_MAP = {
 }
 
 
-def _tf_fields() -> set[str]:
-    return {f.name for f in dataclasses.fields(TransformerConfig)}
-
-
-def build_transformer_config(hf_config: dict, *, params_dtype: torch.dtype = torch.float32,
+def build_transformer_config(hf_config: Step35Config | dict, *, params_dtype: torch.dtype = torch.float32,
                              tp: Optional[int] = None, pp: Optional[int] = None,
                              ep: Optional[int] = None, etp: Optional[int] = None,
                              perform_initialization: bool = True,
                              config_overrides: Optional[dict] = None) -> TransformerConfig:
     """The model-level TransformerConfig (attention shape = full-attention layers).
 
-    Parallel sizes default to the current megatron parallel_state.
+    Parallel sizes default to the current megatron parallel_state. Refuses configs this model does not
+    implement (every fact and default read through ``Step35Config``).
     """
-    cfg = hf_config
+    c = Step35Config.of(hf_config)
     if tp is None:
         tp = ps.get_tensor_model_parallel_world_size()
     if pp is None:
@@ -85,32 +82,36 @@ def build_transformer_config(hf_config: dict, *, params_dtype: torch.dtype = tor
         ep = ps.get_expert_model_parallel_world_size()
     if etp is None and ps.model_parallel_is_initialized():
         etp = ps.get_expert_tensor_parallel_world_size()
-    if cfg.get("att_impl_type", "GQA") != "GQA":
-        raise NotImplementedError(f"att_impl_type {cfg.get('att_impl_type')!r}")
-    if cfg.get("tie_word_embeddings"):
+    if c.att_impl_type != "GQA":
+        raise NotImplementedError(f"att_impl_type {c.att_impl_type!r}")
+    if c.tied:
         raise NotImplementedError("tied embeddings (Step-3.5-Flash is untied)")
-    if cfg.get("moe_router_activation", "sigmoid") != "sigmoid":
-        raise NotImplementedError("only the sigmoid router is implemented")
-    if cfg.get("sink"):
+    if c.sink:
         raise NotImplementedError("attention sinks")
-    if cfg.get("moe_layers_enum") and int(cfg.get("moe_top_k", 2)) == 1:
+    moe = c.moe_layers
+    if moe and c.router_activation != "sigmoid":
+        raise NotImplementedError(f"moe_router_activation {c.router_activation!r} (only sigmoid is implemented)")
+    if moe and c.top_k == 1:
         # megatron does not renormalise a single sigmoid score (HF divides it by itself)
         raise NotImplementedError("moe_top_k == 1")
-    if cfg.get("moe_layers_enum") and not cfg.get("use_moe_router_bias", True):
+    if moe and not c.router_bias:
         raise NotImplementedError("use_moe_router_bias=False (HF then routes with a different function)")
-    L = int(cfg["num_hidden_layers"])
-    moe = hfconfig.moe_layer_set(cfg)
-    n_mtp = hfconfig.num_mtp_layers(cfg)
+    if moe and not c.norm_expert_weight:
+        # megatron's sigmoid router always divides the top-k weights by their sum
+        raise NotImplementedError("norm_expert_weight=False")
+    full = c.attn_full()
     kw = dict(
-        num_layers=L,
-        hidden_size=int(cfg["hidden_size"]),
-        num_attention_heads=int(cfg["num_attention_heads"]),
-        num_query_groups=int(cfg["num_attention_groups"]),
-        kv_channels=int(cfg["head_dim"]),
-        ffn_hidden_size=int(cfg["intermediate_size"]),
+        num_layers=c.num_layers,
+        hidden_size=c.hidden,
+        num_attention_heads=full.heads,
+        num_query_groups=full.groups,
+        kv_channels=full.head_dim,
+        ffn_hidden_size=c.ffn,
         normalization="RMSNorm",
-        layernorm_epsilon=hfconfig.rms_norm_eps(cfg),
-        layernorm_zero_centered_gamma=True,  # documents semantics; our norm module implements it
+        layernorm_epsilon=c.eps,
+        # Step35RMSNorm always applies 1+w and q/k norms always exist, as in the HF modeling code whatever
+        # zero_centered / use_qk_norm say (see Step35Config); these two flags only document that.
+        layernorm_zero_centered_gamma=True,
         qk_layernorm=True,
         gated_linear_unit=True,
         activation_func=F.silu,
@@ -140,25 +141,24 @@ def build_transformer_config(hf_config: dict, *, params_dtype: torch.dtype = tor
     )
     if moe:
         kw.update(
-            num_moe_experts=int(cfg["moe_num_experts"]),
-            moe_router_topk=int(cfg["moe_top_k"]),
-            moe_ffn_hidden_size=int(cfg["moe_intermediate_size"]),
-            moe_shared_expert_intermediate_size=(int(cfg["share_expert_dim"])
-                                                 if cfg.get("share_expert_dim") else None),
-            moe_router_score_function="sigmoid",
-            moe_router_enable_expert_bias=bool(cfg.get("use_moe_router_bias", True)),
-            moe_router_topk_scaling_factor=float(cfg.get("moe_router_scaling_factor") or 1.0),
-            moe_router_dtype="fp32",
+            num_moe_experts=c.num_experts,
+            moe_router_topk=c.top_k,
+            moe_ffn_hidden_size=c.moe_ffn,
+            moe_shared_expert_intermediate_size=c.shared_ffn or None,
+            moe_router_score_function=c.router_activation,
+            moe_router_enable_expert_bias=c.router_bias,
+            moe_router_topk_scaling_factor=c.router_scaling,
+            moe_router_dtype="fp32" if c.fp32_router else None,
             moe_router_pre_softmax=False,
             moe_router_load_balancing_type="none",
             moe_aux_loss_coeff=0.0,
             moe_token_dispatcher_type="allgather",
             moe_grouped_gemm=False,
-            moe_layer_freq=[1 if i in moe else 0 for i in range(L)],
+            moe_layer_freq=[1 if c.is_moe(i) else 0 for i in range(c.num_layers)],
         )
-    if n_mtp:
-        kw["mtp_num_layers"] = n_mtp
-    if "head_wise_attn_gate" in _tf_fields():
+    if c.num_mtp:
+        kw["mtp_num_layers"] = c.num_mtp
+    if native_head_wise_gate_available():  # (Step35Config refuses configs without the head-wise gate)
         kw["head_wise_attn_gate"] = True
     kw.update(config_overrides or {})
     config = TransformerConfig(**kw)
@@ -231,11 +231,11 @@ def step35_layer_spec(info: Step35LayerInfo, layer_config: TransformerConfig) ->
     )
 
 
-def step35_block_specs(hf_config: dict, config: TransformerConfig, *, window_convention: str = "hf",
+def step35_block_specs(hf_config: Step35Config | dict, config: TransformerConfig, *, window_convention: str = "hf",
                        vp_stage: Optional[int] = None, pp_rank: Optional[int] = None
                        ) -> tuple[TransformerBlockSubmodules, Optional[MultiTokenPredictionBlockSubmodules]]:
     """Decoder block spec (layers of this PP stage) and MTP block spec (None off the MTP stage)."""
-    infos = hfconfig.all_layer_infos(hf_config, window_convention)
+    infos = all_layer_infos(hf_config, window_convention)
     L = config.num_layers
     offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
     n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
@@ -287,9 +287,6 @@ class Step35GPTModel(GPTModel):
     before the norm. MTP layer k at position t reads token t+k+1: positions ``t >= s-k-1`` see
     megatron's zero-filled roll and are undefined (they do not influence earlier positions).
     """
-
-    step35_hf_config: dict
-    step35_layer_infos: list
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, decoder_input: Optional[torch.Tensor] = None,
@@ -352,7 +349,7 @@ class Step35GPTModel(GPTModel):
             h_prev = cap.value  # HF/vLLM chain MTP layers on the pre-norm block output
 
 
-def build_step35_model(hf_config: dict, *, pre_process: Optional[bool] = None,
+def build_step35_model(hf_config: Step35Config | dict, *, pre_process: Optional[bool] = None,
                        post_process: Optional[bool] = None, spec: str = "local",
                        params_dtype: torch.dtype = torch.float32, window_convention: str = "hf",
                        parallel_output: bool = True, perform_initialization: bool = True,
@@ -361,7 +358,7 @@ def build_step35_model(hf_config: dict, *, pre_process: Optional[bool] = None,
                        ) -> Step35GPTModel:
     """Build Step-3.5 for the current megatron parallel state (call ``init_parallel`` first).
 
-    ``hf_config``: the verbatim config.json dict. ``pre_process``/``post_process`` default to
+    ``hf_config``: the config.json dict (or its ``Step35Config``). ``pre_process``/``post_process`` default to
     first/last pipeline stage. The embedding lives on the first stage and, with MTP, also on the
     last; MTP layers live on the last stage. ``window_convention``: "hf" = a query sees
     ``sliding_window`` keys including itself (HF/vLLM), "megatron" = one more (TE window (W, 0)).
@@ -369,24 +366,24 @@ def build_step35_model(hf_config: dict, *, pre_process: Optional[bool] = None,
     """
     if spec != "local":
         raise NotImplementedError(f"spec={spec!r}: only the local (non-TE) spec is implemented")
+    c = Step35Config.of(hf_config)
     compat_patches()
     if pre_process is None:
         pre_process = ps.is_pipeline_first_stage(ignore_virtual=True)
     if post_process is None:
         post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
-    config = build_transformer_config(hf_config, params_dtype=params_dtype,
+    config = build_transformer_config(c, params_dtype=params_dtype,
                                       perform_initialization=perform_initialization,
                                       config_overrides=config_overrides)
-    block, mtp = step35_block_specs(hf_config, config, window_convention=window_convention,
+    block, mtp = step35_block_specs(c, config, window_convention=window_convention,
                                     vp_stage=vp_stage)
-    vocab = hfconfig.padded_vocab_size(int(hf_config["vocab_size"]),
-                                       config.tensor_model_parallel_size, make_vocab_size_divisible_by)
+    vocab = c.padded_vocab(config.tensor_model_parallel_size, make_vocab_size_divisible_by)
     with cpu_tensor_cuda_is_identity():
         model = Step35GPTModel(
             config=config,
             transformer_layer_spec=block,
             vocab_size=vocab,
-            max_sequence_length=int(hf_config.get("max_position_embeddings", 4096)),
+            max_sequence_length=c.max_positions,
             pre_process=pre_process,
             post_process=post_process,
             parallel_output=parallel_output,
@@ -395,8 +392,4 @@ def build_step35_model(hf_config: dict, *, pre_process: Optional[bool] = None,
             mtp_block_spec=mtp,
             vp_stage=vp_stage,
         )
-    model.step35_hf_config = hf_config
-    model.step35_layer_infos = hfconfig.all_layer_infos(hf_config, window_convention)
-    model.step35_native_head_wise_gate = native_head_wise_gate_available()
-    model.true_vocab_size = int(hf_config["vocab_size"])
     return model

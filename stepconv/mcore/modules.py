@@ -1,6 +1,6 @@
 """Step-3.5 building blocks that plug into megatron-core's local (non-TE) GPT spec.
 
-Each module reproduces one piece of the HF forward (/work/shared/spec/step35-architecture.md, 3-5):
+Each module reproduces one piece of the HF forward (as the Step-3.5 architecture notes describe it):
 
 - ``Step35RMSNorm``: zero-centred RMSNorm, ``y = x*rsqrt(mean(x^2)+eps)*(1+w)`` in fp32, parameter
   ``weight`` (stores gamma-1). Used for every norm (input/pre-MLP/q/k/final/MTP enorm, hnorm, final).

@@ -19,15 +19,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..config import Step35Config
 from .ckpt import RankLoader, as_rank_loader
-from .hfconfig import num_mtp_layers
 
 START_METHODS = ("spawn", "forkserver")
 
 
 def _rank_entry(rank: int, world: int, tp: int, pp: int, ep: int, port: int, device: str,
                 threads: int, result_dir: str) -> None:
-    t0 = time.perf_counter()
     if device == "cpu":
         if torch.cuda.is_available():
             raise RuntimeError("device='cpu' rank sees CUDA (fork server started elsewhere without "
@@ -44,7 +43,7 @@ def _rank_entry(rank: int, world: int, tp: int, pp: int, ep: int, port: int, dev
     finally:
         destroy_parallel()
     with open(os.path.join(result_dir, f"rank_{rank:05d}.pkl"), "wb") as f:
-        pickle.dump({"result": res, "seconds": time.perf_counter() - t0}, f)
+        pickle.dump(res, f)
 
 
 @contextlib.contextmanager
@@ -103,11 +102,11 @@ def run_ranks(fn: Callable, *args: Any, tp: int = 1, pp: int = 1, ep: int = 1,
         out = []
         for r in range(world):
             with open(Path(rd) / f"rank_{r:05d}.pkl", "rb") as f:
-                out.append(pickle.load(f)["result"])
+                out.append(pickle.load(f))
     return out
 
 
-def _forward_rank(loader, hf_config: dict, input_ids: torch.Tensor, window_convention: str,
+def _forward_rank(loader, cfg: Step35Config, input_ids: torch.Tensor, window_convention: str,
                   dtype: torch.dtype) -> Optional[dict]:
     """One rank of ``megatron_forward``; returns the stage's results on tp_rank 0 / dp_rank 0."""
     import torch.distributed as dist
@@ -127,7 +126,7 @@ def _forward_rank(loader, hf_config: dict, input_ids: torch.Tensor, window_conve
     sd = loader(tp_rank, pp_rank, ep_rank)
     t_load = time.perf_counter() - t0
     t1 = time.perf_counter()
-    model = build_step35_model(hf_config, params_dtype=dtype, window_convention=window_convention,
+    model = build_step35_model(cfg, params_dtype=dtype, window_convention=window_convention,
                                parallel_output=False, perform_initialization=False)
     model.load_state_dict(sd, strict=True)
     del sd
@@ -156,7 +155,7 @@ def _forward_rank(loader, hf_config: dict, input_ids: torch.Tensor, window_conve
     b, s = ids.shape
     with torch.no_grad():
         if not model.pre_process:
-            buf = torch.empty(s, b, int(hf_config["hidden_size"]), dtype=dtype, device=dev)
+            buf = torch.empty(s, b, cfg.hidden, dtype=dtype, device=dev)
             dist.recv(buf, src=ps.get_pipeline_model_parallel_prev_rank())
             model.set_input_tensor(buf)
         out = model(ids, return_dict=True)
@@ -176,14 +175,14 @@ def _forward_rank(loader, hf_config: dict, input_ids: torch.Tensor, window_conve
     return res
 
 
-def megatron_forward(rank_state_dicts_loader: RankLoader, hf_config: dict, input_ids: torch.Tensor, *,
-                     tp: int = 1, pp: int = 1, ep: int = 1, window_convention: str = "hf",
+def megatron_forward(rank_state_dicts_loader: RankLoader, hf_config: Step35Config | dict,
+                     input_ids: torch.Tensor, *, tp: int = 1, pp: int = 1, ep: int = 1, window_convention: str = "hf",
                      dtype: torch.dtype = torch.float32, start_method: str = "spawn", device: str = "cpu",
                      threads_per_rank: Optional[int] = None) -> dict:
     """Forward ``input_ids`` [b, s] through a Step-3.5 megatron checkpoint on tp*pp*ep processes.
 
-    ``rank_state_dicts_loader``: a checkpoint directory (root with ``latest_checkpointed_iteration.txt``
-    or ``release/``, or the ``release``/``iter_*`` folder itself) holding
+    ``rank_state_dicts_loader``: a checkpoint folder (root with ``latest_checkpointed_iteration.txt``,
+    or the ``release``/``iter_*`` folder itself; see ``stepconv.megatron_io.resolve_iteration``) holding
     ``mp_rank_TT[_PPP][_EEE]/model_optim_rng.pt``; or a mapping ``{(tp_rank, pp_rank, ep_rank):
     state_dict}``; or a picklable callable ``(tp_rank, pp_rank, ep_rank) -> state_dict``. Each rank
     loads only its own file. Layers are split evenly over PP stages (MTP on the last stage); the
@@ -199,30 +198,28 @@ def megatron_forward(rank_state_dicts_loader: RankLoader, hf_config: dict, input
       [b, s-k-1, vocab_size] (HF has a separate ``shared_head.output`` per MTP layer);
       ``timings``: seconds (``wall`` on the caller; per stage load/build/forward).
     """
-    L = int(hf_config["num_hidden_layers"])
-    if L % pp:
-        raise ValueError(f"num_hidden_layers {L} not divisible by pp={pp}")
+    cfg = Step35Config.of(hf_config)
+    cfg.validate_parallel(tp, pp, ep)
+    L = cfg.num_layers
     loader = as_rank_loader(rank_state_dicts_loader, pp=pp, ep=ep)
     input_ids = torch.as_tensor(input_ids, dtype=torch.long).cpu()
     if input_ids.dim() != 2:
         raise ValueError("input_ids must be [batch, seq]")
     t0 = time.perf_counter()
-    results = run_ranks(_forward_rank, loader, hf_config, input_ids, window_convention, dtype, tp=tp, pp=pp,
+    results = run_ranks(_forward_rank, loader, cfg, input_ids, window_convention, dtype, tp=tp, pp=pp,
                         ep=ep, start_method=start_method, device=device, threads_per_rank=threads_per_rank)
     wall = time.perf_counter() - t0
     stages = sorted((r for r in results if r is not None), key=lambda r: r["stage"])
     if [st["stage"] for st in stages] != list(range(pp)):
         raise RuntimeError(f"expected one result per pipeline stage, got {[st['stage'] for st in stages]}")
-    V = int(hf_config["vocab_size"])
-    s = input_ids.shape[1]
+    V, s = cfg.vocab, input_ids.shape[1]
     hidden: dict[int, torch.Tensor] = {}
     for st in stages:
         hidden.update(st["hidden"])
     missing = [i for i in range(L + 1) if i not in hidden]
     if missing:
         raise RuntimeError(f"hidden states missing for indices {missing}")
-    last = stages[-1]
-    n_mtp = num_mtp_layers(hf_config)
+    last, n_mtp = stages[-1], cfg.num_mtp
     return {
         "logits": last["logits"][..., :V].contiguous(),
         "hidden_states": [hidden[i] for i in range(L + 1)],

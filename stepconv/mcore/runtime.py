@@ -1,8 +1,7 @@
 """Running released megatron-core (>= 0.16) in-process, on CPU (gloo) or GPU (nccl).
 
-megatron-core 0.16.1 assumes CUDA in a few places even with the local (non-TE) spec
-(/work/shared/spec/megatron-formats.md section 6). ``cpu_patches`` papers over exactly those, and only
-when CUDA is unavailable.
+megatron-core 0.16.1 assumes CUDA in a few places even with the local (non-TE) spec; ``cpu_patches``
+papers over exactly those (its docstring lists them), and only when CUDA is unavailable.
 """
 
 from __future__ import annotations

@@ -1,41 +1,28 @@
 """Test oracles for stepconv.mcore (pure torch, no megatron imports).
 
-- ``load_hf_checkpoint``: read an HF Step-3.5 directory (config.json + safetensors shards).
-- ``reference_forward``: the HF Step-3.5 forward written directly from the spec
-  (/work/shared/spec/step35-architecture.md sections 3-5), for small models.
+- ``reference_forward``: the HF Step-3.5 forward written directly from the Step-3.5 architecture notes,
+  for small models.
 - ``hf_to_mcore_rank_state_dicts``: HF tensors -> per-rank megatron state dicts in the layout
-  ``build_step35_model`` expects (legacy ``mp_rank_*`` files). Test scaffolding; the production
-  converter is ``stepconv.convert``.
+  ``build_step35_model`` expects (legacy ``mp_rank_*`` files), built here independently of
+  ``stepconv.kinds`` on purpose (the tests' second opinion on the converter). Test scaffolding; the
+  production converter is ``stepconv.convert``.
 - ``write_mcore_checkpoint``: write those as ``<dir>/release/mp_rank_*/model_optim_rng.pt``.
+
+Config facts (shapes, MoE layers, router options) are read through ``stepconv.config.Step35Config``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
+from ..config import Step35Config
+from ..megatron_io import CHECKPOINT_VERSION, RANK_FILE, TRACKER, rank_dir_name
 from . import hfconfig
-from .ckpt import CKPT_BASENAME, rank_dir_name
-
-
-# ----------------------------------------------------------------------------------------------
-# HF checkpoint reading
-# ----------------------------------------------------------------------------------------------
-
-def load_hf_checkpoint(path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg = json.loads((path / "config.json").read_text())
-    tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        tensors.update(load_file(str(f)))
-    return cfg, tensors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,9 +61,11 @@ def _rope(x: torch.Tensor, info: hfconfig.Step35LayerInfo) -> torch.Tensor:
     return torch.cat((xr * cos + rot * sin, xp), -1)
 
 
-def reference_layer(h: torch.Tensor, t: dict, cfg: dict, info: hfconfig.Step35LayerInfo) -> torch.Tensor:
+def reference_layer(h: torch.Tensor, t: dict, cfg: Step35Config | dict, info: hfconfig.Step35LayerInfo
+                    ) -> torch.Tensor:
     """One HF Step3p5DecoderLayer on h [b, s, H]; ``t`` maps names relative to ``model.layers.{i}.``."""
-    eps = hfconfig.rms_norm_eps(cfg)
+    cfg = Step35Config.of(cfg)
+    eps = cfg.eps
     b, s, H = h.shape
     nh, ng, hd = info.num_heads, info.num_groups, info.head_dim
     x = _rms(h, t["input_layernorm.weight"], eps)
@@ -98,14 +87,14 @@ def reference_layer(h: torch.Tensor, t: dict, cfg: dict, info: hfconfig.Step35La
     h = h + o.reshape(b, s, nh * hd) @ t["self_attn.o_proj.weight"].T
     x = _rms(h, t["post_attention_layernorm.weight"], eps)
     if info.is_moe:
-        E, topk = int(cfg["moe_num_experts"]), int(cfg["moe_top_k"])
+        E, topk = cfg.num_experts, cfg.top_k
         xf = x.reshape(-1, H)
         logits = xf.float() @ t["moe.gate.weight"].float().T
         probs = torch.sigmoid(logits)
         _, idx = torch.topk(probs + t["moe.router_bias"].float(), topk, dim=-1)
         w = torch.gather(probs, 1, idx)
         w = w / (w.sum(-1, keepdim=True) + 1e-20)
-        w = w * float(cfg.get("moe_router_scaling_factor") or 1.0)
+        w = w * cfg.router_scaling
         out = torch.zeros_like(xf, dtype=torch.float32)
         for e in range(E):
             rows, slot = (idx == e).nonzero(as_tuple=True)
@@ -130,16 +119,16 @@ def _sub(tensors: dict, prefix: str) -> dict:
 
 
 @torch.no_grad()
-def reference_forward(cfg: dict, tensors: dict[str, torch.Tensor], input_ids: torch.Tensor, *,
+def reference_forward(cfg: Step35Config | dict, tensors: dict[str, torch.Tensor], input_ids: torch.Tensor, *,
                       window_convention: str = "hf", dtype: torch.dtype = torch.float32) -> dict:
     """HF Step-3.5 forward. Returns ``logits`` [b,s,V], ``hidden_states`` (embedding + each main
     layer, pre final norm), ``mtp_hidden`` (pre-norm MTP block outputs, [b, s-k-1, H]),
     ``mtp_logits_hf`` (own ``shared_head``), ``mtp_logits_shared`` (main ``lm_head`` after the MTP
     layer's ``shared_head.norm``, i.e. megatron's shared-output semantics)."""
     tensors = {k: (v.to(dtype) if v.is_floating_point() and k.endswith("weight") else v) for k, v in tensors.items()}
-    eps = hfconfig.rms_norm_eps(cfg)
+    cfg = Step35Config.of(cfg)
+    eps, L = cfg.eps, cfg.num_layers
     infos = hfconfig.all_layer_infos(cfg, window_convention)
-    L = int(cfg["num_hidden_layers"])
     emb = tensors["model.embed_tokens.weight"]
     h = emb[input_ids]
     hidden = [h]
@@ -151,7 +140,7 @@ def reference_forward(cfg: dict, tensors: dict[str, torch.Tensor], input_ids: to
            "mtp_logits_shared": []}
     s = input_ids.shape[1]
     h_prev = h
-    for k in range(hfconfig.num_mtp_layers(cfg)):
+    for k in range(cfg.num_mtp):
         n = s - k - 1
         if n <= 0:
             break
@@ -189,7 +178,7 @@ def _glu_fc1(gate: torch.Tensor, up: torch.Tensor, tp: int, r: int) -> torch.Ten
     return torch.cat([_chunk(gate, tp, r), _chunk(up, tp, r)], dim=0)
 
 
-def _layer_sd(t: dict, cfg: dict, info, tp: int, r: int, ep: int, e_rank: int, dtype) -> dict:
+def _layer_sd(t: dict, cfg: Step35Config, info, tp: int, r: int, ep: int, e_rank: int, dtype) -> dict:
     c = lambda x: x.to(dtype).contiguous()  # noqa: E731
     sd = {
         "input_layernorm.weight": c(t["input_layernorm.weight"]),
@@ -204,8 +193,7 @@ def _layer_sd(t: dict, cfg: dict, info, tp: int, r: int, ep: int, e_rank: int, d
         "pre_mlp_layernorm.weight": c(t["post_attention_layernorm.weight"]),
     }
     if info.is_moe:
-        E = int(cfg["moe_num_experts"])
-        el = E // ep
+        el = cfg.num_experts // ep
         sd["mlp.router.weight"] = c(t["moe.gate.weight"])
         sd["mlp.router.expert_bias"] = t["moe.router_bias"].float().contiguous()
         for j in range(el):
@@ -235,17 +223,17 @@ def _vocab_shard(w: torch.Tensor, vpad: int, tp: int, r: int) -> torch.Tensor:
     return _chunk(w, tp, r)
 
 
-def hf_to_mcore_rank_state_dicts(cfg: dict, tensors: dict[str, torch.Tensor], *, tp: int = 1, pp: int = 1,
-                                 ep: int = 1, dtype: Optional[torch.dtype] = None,
+def hf_to_mcore_rank_state_dicts(cfg: Step35Config | dict, tensors: dict[str, torch.Tensor], *, tp: int = 1,
+                                 pp: int = 1, ep: int = 1, dtype: Optional[torch.dtype] = None,
                                  window_convention: str = "hf",
                                  make_vocab_size_divisible_by: int = 128) -> dict[tuple[int, int, int], dict]:
     """{(tp_rank, pp_rank, ep_rank): state_dict} for an even PP split (all MTP layers on the last stage)."""
-    L = int(cfg["num_hidden_layers"])
-    n_mtp = hfconfig.num_mtp_layers(cfg)
+    cfg = Step35Config.of(cfg)
+    L, n_mtp = cfg.num_layers, cfg.num_mtp
     if L % pp:
         raise ValueError(f"num_hidden_layers {L} not divisible by pp {pp}")
     infos = hfconfig.all_layer_infos(cfg, window_convention)
-    vpad = hfconfig.padded_vocab_size(int(cfg["vocab_size"]), tp, make_vocab_size_divisible_by)
+    vpad = cfg.padded_vocab(tp, make_vocab_size_divisible_by)
     per = L // pp
     out = {}
     for p in range(pp):
@@ -280,32 +268,16 @@ def hf_to_mcore_rank_state_dicts(cfg: dict, tensors: dict[str, torch.Tensor], *,
     return out
 
 
-def write_mcore_checkpoint(out_dir, rank_state_dicts: dict, *, tp: int, pp: int, ep: int,
-                           args: Optional[argparse.Namespace] = None) -> Path:
+def write_mcore_checkpoint(out_dir, rank_state_dicts: dict, *, tp: int, pp: int, ep: int) -> Path:
     """Write ``<out_dir>/release/<rank dir>/model_optim_rng.pt`` + ``latest_checkpointed_iteration.txt``."""
     out_dir = Path(out_dir)
+    args = argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                              expert_model_parallel_size=ep)
     for (r, p, e), sd in rank_state_dicts.items():
-        d = out_dir / "release" / rank_dir_name(r, p, e, pp=pp, ep=ep)
+        d = out_dir / "release" / rank_dir_name(r, p, e, pp, ep)
         d.mkdir(parents=True, exist_ok=True)
-        a = args or argparse.Namespace(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-                                       expert_model_parallel_size=ep)
-        torch.save({"model": sd, "args": a, "checkpoint_version": 3.0, "iteration": 0}, d / CKPT_BASENAME)
-    (out_dir / "latest_checkpointed_iteration.txt").write_text("release")
+        torch.save({"model": sd, "args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0},
+                   d / RANK_FILE)
+    (out_dir / TRACKER).write_text("release")
     return out_dir
-
-
-def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.float() - b.float()).abs().max()) if a.numel() else 0.0
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    d = (a.float() - b.float()).norm()
-    n = b.float().norm()
-    return float(d / n) if float(n) > 0 else float(d)
-
-
-__all__ = [
-    "load_hf_checkpoint", "reference_forward", "reference_layer", "hf_to_mcore_rank_state_dicts",
-    "qkvg_rank_rows", "rank_dir_name", "write_mcore_checkpoint", "max_abs_diff", "rel_err",
-]
 
