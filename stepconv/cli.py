@@ -63,7 +63,8 @@ def hf_to_mcore_cmd(
 
 @app.command("mcore-to-hf")
 def mcore_to_hf_cmd(
-    mcore_dir: Path = typer.Argument(..., help="Megatron checkpoint folder (with latest_checkpointed_iteration.txt)."),
+    mcore_dir: Path = typer.Argument(..., help="Megatron checkpoint folder (with latest_checkpointed_iteration.txt), "
+                                               "or one of its iteration folders."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder [default: <MCORE_DIR>-hf beside the input]."),
     iteration: Optional[str] = typer.Option(None, "--iteration", help="Iteration number or 'release' [default: latest]."),
     hf_config: Optional[Path] = typer.Option(None, "--hf-config", help="Step-3.5 config.json, for checkpoints saved by a "

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -33,7 +32,7 @@ def compare_hf(a: str | os.PathLike, b: str | os.PathLike) -> Comparison:
     out = Comparison()
     out.only_a = sorted(set(ca.tensors) - set(cb.tensors))
     out.only_b = sorted(set(cb.tensors) - set(ca.tensors))
-    out.config_equal = json.loads((ca.path / "config.json").read_text()) == json.loads((cb.path / "config.json").read_text())
+    out.config_equal = ca.config.raw == cb.config.raw
     for name in sorted(set(ca.tensors) & set(cb.tensors)):
         ia, ib = ca.tensors[name], cb.tensors[name]
         if ia.dtype != ib.dtype or ia.shape != ib.shape:
