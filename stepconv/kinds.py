@@ -91,7 +91,7 @@ class Kind:
 
     def rank_shape(self, shapes: Sequence[tuple[int, ...]], ctx: SplitContext, tp_rank: int = 0) -> tuple[int, ...]:
         """The shape `split` produces, computed by running it on meta tensors (cached per signature)."""
-        return _meta_shape(self, tuple(tuple(s) for s in shapes), ctx, tp_rank)
+        return _meta_shape(self, shapes if isinstance(shapes, tuple) else tuple(map(tuple, shapes)), ctx, tp_rank)
 
     def __repr__(self) -> str:
         return f"<kind {self.name}>"

@@ -9,6 +9,7 @@ and `verify` all walk the same plan, and `hf_shapes()` is the plan's HF side.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterator
 
 from .config import AttnShape, Step35Config, StepconvError
@@ -163,7 +164,7 @@ class Entry:
     layer: int | None = None  # global HF layer index, for messages and ordering
     replica: bool = False  # a second copy of a tensor another entry already carries (embedding on the MTP stage)
 
-    @property
+    @cached_property
     def source_shapes(self) -> tuple[tuple[int, ...], ...]:
         """What `kind.split` receives: the HF tensors, or one expert's slice of each stack."""
         return tuple(s[1:] for s in self.hf_shapes) if self.expert is not None else self.hf_shapes

@@ -101,33 +101,37 @@ class RankFileWriter:
         self._zip = torch._C.PyTorchFileWriter(str(self._tmp))
         self.model: OrderedDict[str, Any] = OrderedDict()
         self.bytes_written = 0
+        self.tensors = 0
+        self._signature: list = []  # (key, dtype, shape) per entry: what data.pkl depends on besides args
 
     def add(self, key: str, tensor: torch.Tensor | None) -> None:
         if key in self.model:
             raise StepconvError(f"internal: {key} written twice to {self.path}")
         if tensor is None:  # megatron's `_extra_state` entries
             self.model[key] = None
+            self._signature.append(key)
             return
-        t = tensor.detach()
-        nbytes = t.numel() * t.element_size()
-        ref = _StorageRef(str(len(self.model)), t.dtype, t.numel())
-        if t.is_meta:  # dry run: torch lays out the record and skips its bytes (a sparse file)
+        numel, dtype, shape = tensor.numel(), tensor.dtype, tuple(tensor.shape)
+        nbytes = numel * dtype.itemsize
+        ref = _StorageRef(str(len(self.model)), dtype, numel)
+        if tensor.is_meta:  # dry run: torch lays out the record and skips its bytes (a sparse file)
             self._zip.write_record_metadata(f"data/{ref.key}", nbytes)
         else:
-            t = t.contiguous()
+            t = tensor.detach().contiguous()
             # the record holds exactly this tensor's bytes: a storage view of its own range, no copy
             off = t.storage_offset() * t.element_size()
             data = t.untyped_storage()[off:off + nbytes] if nbytes else b""
             self._zip.write_record(f"data/{ref.key}", data, nbytes)
         self.bytes_written += nbytes
-        self.model[key] = _TensorRef(ref, tuple(t.shape))
+        self.tensors += 1
+        self.model[key] = _TensorRef(ref, shape)
+        self._signature.append((key, dtype, shape))
 
     def finish(self, args: argparse.Namespace, iteration: int = 0, pickles: dict | None = None) -> None:
         """Write the pickled state dict and close. `pickles` caches data.pkl across files whose keys, dtypes and
         shapes are equal (the TP ranks of one stage and EP rank): pickling 4k refs costs ~0.25 s a file."""
         obj = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": self.model}
-        sig = (id(args), iteration, tuple((k, None if v is None else (v.storage.dtype, v.shape))
-                                          for k, v in self.model.items())) if pickles is not None else None
+        sig = (id(args), iteration, tuple(self._signature)) if pickles is not None else None
         data = pickles.get(sig) if sig is not None else None
         if data is None:
             data = _dumps(obj)
@@ -140,11 +144,6 @@ class RankFileWriter:
         self._zip.write_end_of_file()
         del self._zip
         os.replace(self._tmp, self.path)
-
-    @property
-    def tensors(self) -> int:
-        return sum(v is not None for v in self.model.values())
-
 
 def _dumps(obj: Any) -> bytes:
     import io

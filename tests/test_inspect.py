@@ -20,8 +20,13 @@ from stepconv.mapping import Layout, hf_shapes, plan
 REAL = ROOT / "fixtures" / "step3p5-flash-config.json"
 
 
-def test_real_config_tp8_ep8_plan():
-    r = inspect_path(REAL, tp=8, ep=8)
+@pytest.fixture(scope="module")
+def real_tp8_ep8():
+    return inspect_path(REAL, tp=8, ep=8)
+
+
+def test_real_config_tp8_ep8_plan(real_tp8_ep8):
+    r = real_tp8_ep8
     text = render(r)
     assert r.ok and r.planned and r.source_kind == "config"
     assert sorted(f.name for f in r.rank_files) == sorted(
@@ -55,13 +60,6 @@ def test_real_config_tp8_ep8_plan():
     assert "EP-split 36/rank" in text
     assert len(text.splitlines()) < 120
 
-    r3 = inspect_path(REAL, tp=8, ep=8, pp=3)
-    assert r3.ok and len(r3.rank_files) == 192
-    assert {f.name.split("/")[1][:15] for f in r3.rank_files} >= {"mp_rank_00_000_", "mp_rank_07_002_"}
-    # PP only moves layers between files: the same data in total (plus one embedding copy per EP rank x TP on the
-    # MTP stage, as megatron-core builds it there too)
-    emb_copy = 8 * 129024 * 4096 * 2
-    assert sum(f.data_bytes for f in r3.rank_files) == want + emb_copy
 
 
 _UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
@@ -81,9 +79,9 @@ def assert_printed_peak_adds_up(text: str, pm) -> None:
     assert abs(total - pm.estimate_bytes) <= 0.005 * pm.estimate_bytes
 
 
-def test_printed_peak_check_catches_wrong_arithmetic():
+def test_printed_peak_check_catches_wrong_arithmetic(real_tp8_ep8):
     """Negative control: the line the previous inspect printed ('2 x 1.06 GB + 0.3 GB' for a 3.54 GB figure)."""
-    r = inspect_path(REAL, tp=8, ep=8)
+    r = real_tp8_ep8
     bad = render(r).replace(f"= {r.peak_memory.workers} worker(s) x (3 x", f"= {r.peak_memory.workers} worker(s) x (2 x")
     try:
         assert_printed_peak_adds_up(bad, r.peak_memory)
@@ -101,6 +99,17 @@ def test_peak_memory_is_the_conversions_worker_plan(tmp_path, fixture_dir):
         assert note.startswith(f"{r.peak_memory.workers} worker thread(s)"), (note, r.peak_memory)
         per_worker = r.peak_memory.factor * r.peak_memory.largest_bytes + r.peak_memory.extra_bytes
         assert f"(largest working set {per_worker / 2**20:.0f} MiB)" in note
+
+
+def test_pipeline_stages_only_move_layers(fixture_dir):
+    """PP moves layers between files: the same tensor data in total, plus the embedding copy megatron-core
+    builds on the MTP stage (one per EP rank x TP rank)."""
+    flat = inspect_path(fixture_dir, tp=2, ep=2)
+    for pp in (2, 4):
+        r = inspect_path(fixture_dir, tp=2, ep=2, pp=pp)
+        assert r.ok and len(r.rank_files) == 4 * pp
+        emb_copy = 2 * 2 * 640 * 64 * 2  # EP x TP x [1280/2, 64] bf16
+        assert sum(f.data_bytes for f in r.rank_files) == sum(f.data_bytes for f in flat.rank_files) + emb_copy
 
 
 def test_invalid_layout_lists_every_error():
