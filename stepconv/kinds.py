@@ -52,6 +52,25 @@ class Fragment:
     offsets: tuple[int, ...]  # of the fragment's first element in the global tensor
 
 
+def _cat(parts: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat, with meta tensors (dry runs, shape planning) joined by shape arithmetic: torch's own meta
+    kernel for cat imports torch._dynamo on first use (measured 1.6-2.9 s), which a conversion would pay just
+    to size its thread pool."""
+    parts = list(parts)
+    if not parts or not parts[0].is_meta:
+        return torch.cat(parts, dim=dim)
+    shape = list(parts[0].shape)
+    for p in parts[1:]:
+        if len(p.shape) != len(shape) or any(a != b for i, (a, b) in enumerate(zip(p.shape, shape)) if i != dim):
+            raise ValueError(f"Sizes of tensors must match except in dimension {dim}: {list(parts[0].shape)} "
+                             f"and {list(p.shape)}")
+    shape[dim] = sum(p.shape[dim] for p in parts)
+    dtype = parts[0].dtype
+    for p in parts[1:]:
+        dtype = torch.promote_types(dtype, p.dtype)
+    return torch.empty(shape, dtype=dtype, device="meta")
+
+
 def _part(n: int, tp: int, rank: int) -> slice:
     if n % tp:
         raise ValueError(f"dimension {n} is not divisible by TP {tp}")
@@ -135,7 +154,7 @@ class Column(Kind):
         return srcs[0][_part(srcs[0].shape[0], ctx.tp_size, tp_rank)]
 
     def merge(self, shards, ctx):
-        return (torch.cat(list(shards), dim=0),)
+        return (_cat(list(shards), dim=0),)
 
     def fragments(self, shapes, ctx, tp_rank):
         rows = _part(shapes[0][0], ctx.tp_size, tp_rank)
@@ -151,7 +170,7 @@ class Row(Kind):
         return srcs[0][:, _part(srcs[0].shape[1], ctx.tp_size, tp_rank)]
 
     def merge(self, shards, ctx):
-        return (torch.cat(list(shards), dim=1),)
+        return (_cat(list(shards), dim=1),)
 
     def fragments(self, shapes, ctx, tp_rank):
         cols = _part(shapes[0][1], ctx.tp_size, tp_rank)
@@ -177,10 +196,10 @@ class Vocab(Kind):
             return torch.zeros(rows.stop - rows.start, hidden, dtype=t.dtype, device=_device(t))
         real = t[lo:hi]
         pad = rows.stop - hi
-        return real if pad == 0 else torch.cat([real, real.new_zeros(pad, hidden)], dim=0)
+        return real if pad == 0 else _cat([real, real.new_zeros(pad, hidden)], dim=0)
 
     def merge(self, shards, ctx):
-        return (torch.cat(list(shards), dim=0)[:ctx.vocab],)
+        return (_cat(list(shards), dim=0)[:ctx.vocab],)
 
     def fragments(self, shapes, ctx, tp_rank):
         vocab = shapes[0][0]
@@ -198,12 +217,12 @@ class SwiGLU(Kind):
 
     def split(self, srcs, ctx, tp_rank):
         gate, up = srcs
-        return torch.cat([gate[_part(gate.shape[0], ctx.tp_size, tp_rank)],
+        return _cat([gate[_part(gate.shape[0], ctx.tp_size, tp_rank)],
                           up[_part(up.shape[0], ctx.tp_size, tp_rank)]], dim=0)
 
     def merge(self, shards, ctx):
         halves = [s.chunk(2, dim=0) for s in shards]
-        return torch.cat([h[0] for h in halves], dim=0), torch.cat([h[1] for h in halves], dim=0)
+        return _cat([h[0] for h in halves], dim=0), _cat([h[1] for h in halves], dim=0)
 
     def fragments(self, shapes, ctx, tp_rank):
         f, cols = shapes[0][0], shapes[0][1]
@@ -231,7 +250,7 @@ class QKVG(Kind):
         for j in range(tp_rank * ng_p, (tp_rank + 1) * ng_p):
             parts += [q[j * hpg * hd:(j + 1) * hpg * hd], k[j * hd:(j + 1) * hd], v[j * hd:(j + 1) * hd]]
         parts.append(g[_part(nh, ctx.tp_size, tp_rank)])
-        return torch.cat(parts, dim=0)
+        return _cat(parts, dim=0)
 
     def merge(self, shards, ctx):
         tp = len(shards)
@@ -248,7 +267,7 @@ class QKVG(Kind):
             ks.append(groups[:, hpg * hd:(hpg + 1) * hd].reshape(-1, *s.shape[1:]))
             vs.append(groups[:, (hpg + 1) * hd:].reshape(-1, *s.shape[1:]))
             gs.append(s[qkv_rows:])
-        return tuple(torch.cat(x, dim=0) for x in (qs, ks, vs, gs))
+        return tuple(_cat(x, dim=0) for x in (qs, ks, vs, gs))
 
     def fragments(self, shapes, ctx, tp_rank):
         hd, nh, ng = ctx.attn.head_dim, ctx.attn.heads, ctx.attn.groups
