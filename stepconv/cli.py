@@ -30,6 +30,8 @@ def hf_to_mcore_cmd(
     ep: int = typer.Option(1, "--ep", help="Expert-parallel size; must divide moe_num_experts (e.g. 288 -> 8)."),
     spec: str = typer.Option("te", "--spec", help="Megatron layer spec whose parameter names to write: te (TransformerEngine, "
                                                    "TEGroupedMLP experts) or local (SequentialMLP)."),
+    fmt: str = typer.Option("torch", "--format", help="torch (legacy mp_rank_* files, --ckpt-format torch) or torch_dist "
+                                                      "(Megatron's default: global keys, loads at any layout)."),
     dtype: str = typer.Option("keep", "--dtype", help="keep (as stored), bf16 or fp32. The router expert bias stays fp32."),
     window: str = typer.Option("hf", "--window-convention", help="Sliding window written to args: hf (W keys incl. "
                                                                   "current, window_size=(W-1,0)) or megatron (W+1 keys)."),
@@ -42,7 +44,7 @@ def hf_to_mcore_cmd(
                                                                   "[default: CPU count, within --max-memory]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Convert a HF checkpoint to Megatron legacy per-rank files (mp_rank_*/model_optim_rng.pt).
+    """Convert a HF checkpoint to Megatron: legacy per-rank files (mp_rank_*/model_optim_rng.pt) or torch_dist.
 
     Example: stepconv hf-to-mcore --tp 4 --ep 8 --pp 3 Step-3.5-Flash/ -o Step-3.5-Flash-tp4-pp3-ep8
     """
@@ -55,7 +57,8 @@ def hf_to_mcore_cmd(
         total = sum(t.nbytes for t in HFCheckpoint(hf_dir).tensors.values())
         with progress(total, "hf-to-mcore", quiet=quiet) as report:
             s = hf_to_mcore(hf_dir, out, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, overwrite=overwrite,
-                            window_convention=window, resume=resume, max_memory=budget, jobs=jobs, progress=report)
+                            window_convention=window, resume=resume, max_memory=budget, jobs=jobs, progress=report,
+                            format=fmt)
     except StepconvError as e:
         _fail(e)
     typer.echo("\n".join(s.lines()))
@@ -91,6 +94,37 @@ def mcore_to_hf_cmd(
     typer.echo("\n".join(s.lines()))
 
 
+@app.command("reshard")
+def reshard_cmd(
+    src: Path = typer.Argument(..., help="Megatron checkpoint (legacy or torch_dist; root or iteration folder)."),
+    out: Path = typer.Option(..., "-o", "--out", help="Output folder."),
+    fmt: Optional[str] = typer.Option(None, "--format", help="torch or torch_dist [default: the source's]."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size [default: the source's]."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline-parallel size [default: the source's]."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size [default: the source's]."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="te or local names [default: the source's]."),
+    iteration: Optional[str] = typer.Option(None, "--iteration", help="Source iteration or 'release' [default: latest]."),
+    hf_config: Optional[Path] = typer.Option(None, "--hf-config", help="Step-3.5 config.json, for checkpoints saved by a "
+                                                                       "Megatron training run (no stepconv metadata)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+) -> None:
+    """Megatron -> Megatron: another format and/or layout, without writing HF in between; audited, streamed.
+
+    Example: stepconv reshard step35-tp4-pp3-ep8 -o step35-dist --format torch_dist
+    """
+    from .convert import reshard
+    from .progress import progress
+
+    opts = {k: v for k, v in dict(format=fmt, tp=tp, pp=pp, ep=ep, spec=spec).items() if v is not None}
+    try:
+        with progress(0, "reshard", quiet=quiet) as report:
+            s = reshard(src, out, iteration=iteration, hf_config=hf_config, overwrite=overwrite, progress=report, **opts)
+    except StepconvError as e:
+        _fail(e)
+    typer.echo("\n".join(s.lines()))
+
+
 @app.command("verify")
 def verify_cmd(
     hf_dir: Path = typer.Argument(..., help="The HF Step-3.5-Flash folder (the reference)."),
@@ -109,6 +143,9 @@ def verify_cmd(
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Use the folder's own modeling_step3p5.py "
                                                                               "as the HF reference."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Run the Megatron side at this TP [default: the checkpoint's]."),
+    pp: Optional[int] = typer.Option(None, "--pp", help="... at this PP [default: the checkpoint's]."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="... at this EP [default: the checkpoint's]."),
 ) -> None:
     """Logit parity: the HF model vs the Megatron model (real megatron-core, TP x PP x EP processes).
 
@@ -125,8 +162,15 @@ def verify_cmd(
     from .verify import verify, write_json
 
     try:
+        layout = None
+        if (tp, pp, ep) != (None, None, None):
+            from .convert import plan_export
+            from .mapping import Layout
+
+            rec = plan_export(mcore_dir, iteration=iteration, hf_config=hf_dir / "config.json").layout
+            layout = Layout(tp or rec.tp_size, pp or rec.pp_size, ep or rec.ep_size)
         r = verify(hf_dir, mcore_dir, dtype=dtype, batch=batch, seq_len=seq_len, prompt_file=prompt_file, seed=seed,
-                   iteration=iteration, trust_remote_code=trust_remote_code, window_convention=window)
+                   iteration=iteration, trust_remote_code=trust_remote_code, window_convention=window, layout=layout)
     except StepconvError as e:
         _fail(e)
     typer.echo(r.table())
@@ -143,6 +187,7 @@ def inspect_cmd(
     ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size to plan for (HF input) [default: 1]."),
     spec: str = typer.Option("te", "--spec", help="te or local parameter names (HF input)."),
     dtype: str = typer.Option("keep", "--dtype", help="keep, bf16 or fp32 (HF input)."),
+    fmt: str = typer.Option("torch", "--format", help="torch or torch_dist (HF input: the format to plan)."),
     full: bool = typer.Option(False, "--full", help="List every tensor, not one line per name pattern."),
     iteration: Optional[str] = typer.Option(None, "--iteration", help="Megatron input: iteration or 'release'."),
     hf_config: Optional[Path] = typer.Option(None, "--hf-config", help="Megatron input: Step-3.5 config.json when the "
@@ -160,7 +205,7 @@ def inspect_cmd(
 
     try:
         r = inspect_path(path, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, full=full, iteration=iteration,
-                         hf_config=hf_config)
+                         hf_config=hf_config, format=fmt)
     except StepconvError as e:
         _fail(e)
     typer.echo(render(r))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field, fields
@@ -26,8 +27,10 @@ from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_sha
 from .memory import fixed_mmap_threshold
 from .megatron_io import (MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter, load_rank_file,
                           rank_dir_name, rank_dir_problems, resolve_iteration, write_tracker)
+from .torch_dist import TorchDistReader, TorchDistWriter, detect_spec as dist_spec, is_torch_dist, read_common, read_index
 
 WINDOW_CONVENTIONS = ("hf", "megatron")
+FORMATS = ("torch", "torch_dist")
 DTYPE_CHOICES = ("keep", *DTYPES)
 
 
@@ -38,6 +41,7 @@ class Summary:
     output: Path
     layout: Layout
     spec: str
+    format: str = "torch"
     files: int = 0
     tensors: int = 0
     bytes_read: int = 0
@@ -49,7 +53,8 @@ class Summary:
         rate = self.bytes_written / self.seconds / 1e6 if self.seconds else 0.0
         out = [
             f"{self.direction}: {self.source} -> {self.output}",
-            f"  layout   {self.layout} ({self.layout.world_size} rank files), spec {self.spec}",
+            f"  layout   {self.layout}, spec {self.spec}, format {self.format}"
+            + (f" ({self.layout.world_size} rank files)" if self.format == "torch" else " (global keys)"),
             f"  wrote    {self.files} files, {self.tensors} tensors, {_gb(self.bytes_written)}"
             f" (read {_gb(self.bytes_read)}) in {self.seconds:.1f} s ({rate:.0f} MB/s)",
         ]
@@ -91,6 +96,7 @@ class ImportOptions:
     resume: bool = False
     max_memory: int | None = None  # bytes for parallel work (default half the RAM)
     jobs: int | None = None  # most units at once (default the CPU count)
+    format: str = "torch"  # torch (legacy per-rank files) | torch_dist (global keys)
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "ImportOptions":
@@ -109,6 +115,10 @@ class ImportOptions:
             out.append(f"--dtype must be keep, bf16 or fp32; got {self.dtype!r}")
         if self.window_convention not in WINDOW_CONVENTIONS:
             out.append(f"window convention must be hf or megatron; got {self.window_convention!r}")
+        if self.format not in FORMATS:
+            out.append(f"--format must be one of {', '.join(FORMATS)}; got {self.format!r}")
+        elif self.format == "torch_dist" and self.resume:
+            out.append("--resume works with --format torch; a torch_dist run writes its index at the end, start it again")
         return out
 
 
@@ -122,7 +132,13 @@ class ImportPlan:
 
     @property
     def layout(self) -> Layout:
+        """The layout the checkpoint is for (recorded in its args)."""
         return self.options.layout
+
+    @property
+    def write_layout(self) -> Layout:
+        """The layout tensors are written in: the legacy format's ranks, or TP=1 global tensors for torch_dist."""
+        return self.options.layout if self.options.format == "torch" else Layout()
 
     @property
     def target(self) -> torch.dtype | None:
@@ -133,7 +149,10 @@ class ImportPlan:
         return [TensorInfo(h, MTP_HEADS, self.source_dtypes[h], s) for e in self.entries if not e.kind.megatron
                 for h, s in zip(e.hf, e.hf_shapes)]
 
-    def writer(self, root: Path, *, dry: bool = False) -> LegacyWriter:
+    def writer(self, root: Path, *, dry: bool = False) -> LegacyWriter | TorchDistWriter:
+        if self.options.format == "torch_dist":
+            return TorchDistWriter(root, self.entries, self.options.spec, self.cfg.num_experts, self.args, self.heads(),
+                                   dry=dry)
         return LegacyWriter(root, self.layout, self.args, self.heads(), dry=dry)
 
     def step(self, entry: Entry, srcs: list[torch.Tensor]) -> list:
@@ -143,9 +162,9 @@ class ImportPlan:
         dt = entry.kind.out_dtype([s.dtype for s in srcs], self.target) if srcs else None
         if srcs and srcs[0].is_meta:  # dry run: the same split's shapes, computed once per signature
             return [_meta(entry.kind.rank_shape(entry.source_shapes, entry.ctx, r), dt)
-                    for r in range(self.layout.tp_size)]
+                    for r in range(self.write_layout.tp_size)]
         out = []
-        for r in range(self.layout.tp_size):
+        for r in range(self.write_layout.tp_size):
             t = entry.kind.split(srcs, entry.ctx, r)
             out.append(t if t is None or t.dtype == dt else t.to(dt))
         return out
@@ -158,7 +177,7 @@ class ImportPlan:
             if shape is None or not e.kind.megatron:
                 return reader.nbytes(e)
             dt = e.kind.out_dtype([self.source_dtypes[h] for h in e.hf], self.target)
-            return max(reader.nbytes(e), self.layout.tp_size * _numel(shape) * dt.itemsize)
+            return max(reader.nbytes(e), self.write_layout.tp_size * _numel(shape) * dt.itemsize)
 
         return plan_workers(units, entry_bytes, factor=3, read_ahead=True, jobs=self.options.jobs,
                             budget=self.options.max_memory)
@@ -178,9 +197,13 @@ def plan_import(cfg: Step35Config, source_dtypes: dict[str, torch.dtype], option
     meta = {"version": __version__, "spec": options.spec, "dtype": options.dtype,
             "source_dtypes": {n: DTYPE_NAMES[d] for n, d in source_dtypes.items()}, "iteration": "release",
             "mtp_heads": MTP_HEADS if cfg.num_mtp else None, "sliding_window_convention": options.window_convention}
+    extra: dict[str, Any] = {"stepconv": meta}
+    if options.format == "torch_dist":
+        extra.update(ckpt_format="torch_dist", use_dist_ckpt=True)
     args = cfg.megatron_args(tp=options.tp, pp=options.pp, ep=options.ep, params_dtype=params_dtype, spec=options.spec,
-                             window_convention=options.window_convention, extra={"stepconv": meta})
-    return ImportPlan(cfg, options, source_dtypes, plan(cfg, options.layout, options.spec), args)
+                             window_convention=options.window_convention, extra=extra)
+    write = options.layout if options.format == "torch" else Layout()
+    return ImportPlan(cfg, options, source_dtypes, plan(cfg, write, options.spec), args)
 
 
 def config_dtypes(cfg: Step35Config) -> dict[str, torch.dtype]:
@@ -217,7 +240,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     out = Path(out_dir) if out_dir else ckpt.path.with_name(ckpt.path.name + "-mcore")
     _check_distinct(ckpt.path, out)
     reader = HFReader(pl.source_dtypes, ckpt)
-    summary = Summary("hf-to-mcore", ckpt.path, out, pl.layout, opts.spec)
+    summary = Summary("hf-to-mcore", ckpt.path, out, pl.layout, opts.spec, opts.format)
     fingerprint = _fingerprint(ckpt, tp=opts.tp, pp=opts.pp, ep=opts.ep, spec=opts.spec, dtype=opts.dtype,
                                window=opts.window_convention, version=__version__)
 
@@ -238,11 +261,13 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         if wrong or set(consumed) - set(ckpt.tensors):
             raise StepconvError(f"audit failed, not publishing: source tensors not consumed exactly once: "
                                 f"{names_text(wrong)}")
-        _write_sidecar(tmp, pl, ckpt)
+        finished = writer.finish() if isinstance(writer, TorchDistWriter) else {}
+        _write_sidecar(tmp, pl, ckpt.extra_files())
         journal.remove()
-        summary.files = sum(len(u.outputs) for u in units)
-        summary.tensors = sum(f.tensors for r in results for name, f in r.files.items() if name.endswith(RANK_FILE))
-        summary.bytes_written = sum(r.bytes_written for r in results)
+        summary.files = sum(len(u.outputs) for u in units) + len(finished)
+        summary.tensors = (sum(f.tensors for r in results for name, f in r.files.items() if name.endswith(RANK_FILE))
+                           if not finished else len(writer.tensors))
+        summary.bytes_written = sum(r.bytes_written for r in results) + sum(f.bytes for f in finished.values())
     summary.bytes_read = ckpt.bytes_read
     summary.seconds = time.time() - t0
     summary.notes += import_notes(pl)
@@ -277,16 +302,18 @@ def import_notes(pl: ImportPlan) -> list[str]:
     return notes
 
 
-def _write_sidecar(root: Path, pl: ImportPlan, ckpt: HFCheckpoint) -> None:
+def _write_sidecar(root: Path, pl: ImportPlan, extra_files: list[Path]) -> None:
     lay = pl.layout
-    expected = rank_keys(pl.entries, lay)
     write_tracker(root, "release")
-    copy_files(ckpt.extra_files(), root / SIDECAR / "hf_files")
+    copy_files(extra_files, root / SIDECAR / "hf_files")
     (root / SIDECAR / "config.json").write_text(json.dumps(pl.cfg.raw, indent=2) + "\n")
-    manifest = {"stepconv": __version__, "layout": {"tp": lay.tp_size, "pp": lay.pp_size, "ep": lay.ep_size},
-                "spec": pl.options.spec, "padded_vocab_size": pl.cfg.padded_vocab(lay.tp_size),
-                "rank_files": {rank_dir_name(t, p, e, lay.pp_size, lay.ep_size): len(expected[(t, p, e)])
-                               for (t, p, e) in lay.ranks()}}
+    manifest = {"stepconv": __version__, "format": pl.options.format,
+                "layout": {"tp": lay.tp_size, "pp": lay.pp_size, "ep": lay.ep_size},
+                "spec": pl.options.spec, "padded_vocab_size": pl.cfg.padded_vocab(lay.tp_size)}
+    if pl.options.format == "torch":
+        expected = rank_keys(pl.entries, lay)
+        manifest["rank_files"] = {rank_dir_name(t, p, e, lay.pp_size, lay.ep_size): len(expected[(t, p, e)])
+                                  for (t, p, e) in lay.ranks()}
     (root / SIDECAR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -303,15 +330,23 @@ class ExportPlan:
     infos: list[TensorInfo]  # HF output tensors, in plan order, with their dtypes
     use_sidecar: bool  # MTP heads restored from stepconv's sidecar (same iteration) or copied from output_layer
     problems: list[str]  # rank folders missing or unexpected
+    index: Any = None  # torch_dist: the DCP index (None: legacy rank files)
+
+    @property
+    def format(self) -> str:
+        return "torch" if self.index is None else "torch_dist"
 
     @property
     def head_names(self) -> list[str]:
         return [e.hf[0] for e in self.entries if not e.kind.megatron]
 
-    def reader(self, *, meta: bool = False) -> LegacyReader:
+    def reader(self, *, meta: bool = False) -> LegacyReader | TorchDistReader:
+        heads = self.source.root / SIDECAR / MTP_HEADS if self.use_sidecar else None
+        if self.index is not None:
+            return TorchDistReader(self.source.path, self.index, self.spec, self.cfg.num_experts,
+                                   saved_tp=self.layout.tp_size, meta=meta, heads=heads)
         return LegacyReader(self.source.path, self.layout, rank_keys(self.entries, self.layout), self.spec,
-                            first=self.first, meta=meta,
-                            heads=self.source.root / SIDECAR / MTP_HEADS if self.use_sidecar else None)
+                            first=self.first, meta=meta, heads=heads)
 
     def step(self, entry: Entry, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         """TP shards -> (HF name, tensor) pairs; output_layer also fills the MTP heads when there is no sidecar."""
@@ -326,7 +361,7 @@ class ExportPlan:
         itemsize = {i.name: i.dtype.itemsize for i in self.infos}
 
         def entry_bytes(e: Entry) -> int:
-            shards = self.layout.tp_size * _numel(e.rank_shape() or ())
+            shards = e.ctx.tp_size * _numel(e.rank_shape() or ())
             return max(shards, sum(_numel(s) for s in e.source_shapes)) * itemsize[e.hf[0]]
 
         return plan_workers(units, entry_bytes, factor=2, read_ahead=False, jobs=jobs, budget=None)
@@ -343,6 +378,8 @@ def plan_export(mcore_dir: str | os.PathLike, *, iteration: str | int | None = N
                 hf_config: str | os.PathLike | None = None) -> ExportPlan:
     """The mcore-to-hf plan: layout, spec and config from the checkpoint (its args, keys, stepconv metadata)."""
     src = resolve_iteration(mcore_dir, iteration)
+    if is_torch_dist(src.path):
+        return _plan_export_dist(src, hf_config)
     rank_dirs = sorted(p.name for p in src.path.iterdir() if p.name.startswith("mp_rank_"))
     if not rank_dirs:
         raise StepconvError(f"{src.path}: no mp_rank_* folders; expected a legacy (--ckpt-format torch) checkpoint")
@@ -359,14 +396,44 @@ def plan_export(mcore_dir: str | os.PathLike, *, iteration: str | int | None = N
     last = src.path / rank_dir_name(0, lay.pp_size - 1, 0, lay.pp_size, lay.ep_size) / RANK_FILE
     last_keys = keys0 if lay.pp_size == 1 or not last.exists() else list(load_rank_file(last)["model"])
     entries = plan(cfg, lay, spec, detect_mtp_block(last_keys))
+    return ExportPlan(src, cfg, lay, spec, args, first, entries, _hf_infos(cfg, entries, meta),
+                      _use_sidecar(src, entries, meta), problems)
+
+
+def _plan_export_dist(src: IterationDir, hf_config) -> ExportPlan:
+    """A torch_dist iteration: global keys, read as the TP=1 plan whatever layout saved it."""
+    common = read_common(src.path)
+    args = common.get("args")
+    lay = Layout.from_args(args, str(src.path / "common.pt"))
+    cfg = Step35Config.from_megatron_args(args, str(src.path), hf_config)
+    index = read_index(src.path)
+    meta = getattr(args, "stepconv", None) or {}
+    spec = dist_spec(index)
+    entries = plan(cfg, Layout(), spec)
+    return ExportPlan(src, cfg, lay, spec, args, {}, entries, _hf_infos(cfg, entries, meta),
+                      _use_sidecar(src, entries, meta), [], index)
+
+
+def _hf_infos(cfg: Step35Config, entries: list[Entry], meta: dict) -> list[TensorInfo]:
+    """The HF output tensors with their original dtypes (stepconv's record, else config torch_dtype / the kind's)."""
     src_dtypes = meta.get("source_dtypes") or {}
-    infos, kinds = [], {h: e.kind for e in entries for h in e.hf}
-    for name, shape in hf_shapes(cfg).items():
-        dt = SAFETENSORS_DTYPES[src_dtypes[name]] if name in src_dtypes else kinds[name].dtype or cfg.torch_dtype()
-        infos.append(TensorInfo(name, "", dt, shape))
+    kinds = {h: e.kind for e in entries for h in e.hf}
+    return [TensorInfo(name, "", _recorded_dtype(None, name, src_dtypes[name]) if name in src_dtypes
+                       else kinds[name].dtype or cfg.torch_dtype(), shape)
+            for name, shape in hf_shapes(cfg).items()]
+
+
+def _recorded_dtype(src, name: str, dtype: Any) -> torch.dtype:
+    """A dtype stepconv recorded in a checkpoint's args: only a floating-point safetensors dtype is accepted."""
+    dt = SAFETENSORS_DTYPES.get(dtype) if isinstance(dtype, str) else None
+    if dt is None or not dt.is_floating_point:
+        raise StepconvError(f"checkpoint args record dtype {dtype!r} for {name}; expected one of BF16, F16, F32")
+    return dt
+
+
+def _use_sidecar(src: IterationDir, entries: list[Entry], meta: dict) -> bool:
     heads = any(not e.kind.megatron for e in entries)
-    use_sidecar = heads and (src.root / SIDECAR / MTP_HEADS).exists() and str(meta.get("iteration")) == src.iteration
-    return ExportPlan(src, cfg, lay, spec, args, first, entries, infos, use_sidecar, problems)
+    return heads and (src.root / SIDECAR / MTP_HEADS).exists() and str(meta.get("iteration")) == src.iteration
 
 
 @dataclass(frozen=True)
@@ -401,7 +468,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     out = Path(out_dir) if out_dir else root.with_name(root.name + "-hf")
     _check_distinct(root, out)
     max_bytes = parse_size(opts.max_shard_size)
-    summary = Summary("mcore-to-hf", root, out, pl.layout, pl.spec)
+    summary = Summary("mcore-to-hf", root, out, pl.layout, pl.spec, pl.format)
     reader = pl.reader()
     units = reader.units(pl.entries)
     workers = pl.workers(units, opts.jobs)
@@ -435,3 +502,120 @@ def export_notes(pl: ExportPlan) -> list[str]:
         return [f"{n} MTP shared_head.output tensor(s) restored bit-exact from {SIDECAR}/{MTP_HEADS}"]
     return [f"{n} MTP shared_head.output tensor(s) set to output_layer (Megatron's MTP shares it; no stepconv "
             f"sidecar for iteration {pl.source.iteration})"]
+
+
+# --- Megatron -> Megatron --------------------------------------------------------------------------------
+class MegatronSource:
+    """engine.Reader: a destination entry's HF tensors, merged from a Megatron checkpoint of any format and
+    layout (the source plan's reader and `step`), so Megatron converts to Megatron without HF files between.
+    Source and destination plans come from the same table, so an HF tensor (or one expert of it) is produced
+    by exactly one source entry."""
+
+    prefetch = True
+
+    def __init__(self, src: ExportPlan, *, meta: bool = False):
+        self.src, self.reader = src, src.reader(meta=meta)
+        self.by_name: dict[tuple[str, int | None], Entry] = {}
+        for e in src.entries:
+            if not e.kind.sources or e.replica or (not e.kind.megatron and not src.use_sidecar):
+                continue
+            names = list(e.hf) + (src.head_names if e.key == "output_layer.weight" and not src.use_sidecar else [])
+            for n in names:
+                self.by_name[(n, e.expert)] = e
+        self._lock = threading.Lock()
+        self._last: tuple[Entry | None, dict] = (None, {})
+
+    def open(self, unit: Unit) -> None:
+        pass
+
+    def close(self, unit: Unit) -> None:
+        pass
+
+    def nbytes(self, entry: Entry) -> int:
+        return 0
+
+    def read(self, entry: Entry) -> list[torch.Tensor]:
+        out = []
+        for name in entry.hf:
+            src = self.by_name.get((name, entry.expert))
+            if src is None:
+                raise StepconvError(f"{self.src.source.path}: no tensor provides {name}"
+                                    + (f" expert {entry.expert}" if entry.expert is not None else ""))
+            with self._lock:
+                last, merged = self._last
+            if last is not src:  # q, k, v and g come from one linear_qkv: merge it once
+                try:
+                    merged = dict(self.src.step(src, self.reader.read(src)))
+                except (ValueError, RuntimeError) as e:
+                    raise StepconvError(f"{src.key} ({', '.join(src.hf)}): {str(e).splitlines()[0]}") from None
+                with self._lock:
+                    self._last = (src, merged)
+            out.append(merged[name])
+        return out
+
+    def finish(self) -> None:
+        if isinstance(self.reader, LegacyReader):
+            self.reader.close()
+
+
+def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iteration: str | int | None = None,
+            hf_config: str | os.PathLike | None = None, progress: Progress | None = None, **options: Any) -> Summary:
+    """Megatron -> Megatron: another format and/or layout, streamed entry by entry, audited like hf-to-mcore.
+
+    `options` are `ImportOptions` fields; the source's format, layout and spec are the defaults. Example:
+    `reshard("step35-tp4", "step35-dist", format="torch_dist")`.
+    """
+    t0 = time.time()
+    fixed_mmap_threshold()
+    src = plan_export(mcore_dir, iteration=iteration, hf_config=hf_config)
+    if src.problems:
+        raise StepconvError(src.problems[0])
+    lay, meta = src.layout, getattr(src.args, "stepconv", None) or {}
+    defaults = dict(tp=lay.tp_size, pp=lay.pp_size, ep=lay.ep_size, spec=src.spec, format=src.format,
+                    dtype=meta.get("dtype", "keep"), window_convention=meta.get("sliding_window_convention", "hf"))
+    opts = ImportOptions.of({**defaults, **options})
+    recorded = meta.get("source_dtypes") or {}  # (in the order the HF checkpoint listed them, as hf-to-mcore wrote)
+    dtypes = {n: _recorded_dtype(src, n, d) for n, d in recorded.items()} or {i.name: i.dtype for i in src.infos}
+    pl = plan_import(src.cfg, dtypes, opts)
+    root = src.source.root
+    out = Path(out_dir)
+    _check_distinct(root, out)
+    source = MegatronSource(src)
+    summary = Summary("reshard", root, out, pl.layout, opts.spec, opts.format)
+    with staging(out, opts.overwrite) as tmp:
+        writer = pl.writer(tmp)
+        units = writer.units(pl.entries)
+        workers = pl.workers(units, HFReader(dtypes, meta=True))
+        consumed, results = execute(units, source, writer, pl.step, workers=workers.workers, progress=progress)
+        source.finish()
+        wrong = sorted(f"{i.name} ({consumed[i.name]}/{_numel(i.shape)} elements)" for i in src.infos
+                       if consumed[i.name] != _numel(i.shape))
+        if wrong:
+            raise StepconvError(f"audit failed, not publishing: tensors not carried over exactly once: "
+                                f"{names_text(wrong)}")
+        finished = writer.finish() if isinstance(writer, TorchDistWriter) else {}
+        hf_files = root / SIDECAR / "hf_files"
+        _write_sidecar(tmp, pl, sorted(hf_files.iterdir()) if hf_files.is_dir() else [])
+        summary.files = sum(len(u.outputs) for u in units) + len(finished)
+        summary.bytes_written = sum(r.bytes_written for r in results) + sum(f.bytes for f in finished.values())
+        summary.tensors = len(src.infos)
+    summary.bytes_read = getattr(source.reader, "bytes_read", 0)
+    summary.seconds = time.time() - t0
+    return summary
+
+
+def rank_state_dict(src: ExportPlan, layout: Layout, spec: str, tp_rank: int, pp_rank: int, ep_rank: int,
+                    dtype: torch.dtype | None = None) -> dict:
+    """One rank's legacy state dict for `layout`, from a checkpoint of any format: what `verify` loads into the
+    Megatron model when the checkpoint is torch_dist (or saved at another layout)."""
+    source = MegatronSource(src)
+    pl = plan_import(src.cfg, {i.name: i.dtype for i in src.infos},
+                     ImportOptions(layout.tp_size, layout.pp_size, layout.ep_size, spec))
+    out = {}
+    for e in pl.entries:
+        if e.stage != pp_rank or not e.on(ep_rank) or not e.kind.megatron:
+            continue
+        t = pl.step(e, source.read(e) if e.kind.sources else [])[tp_rank]
+        out[e.key] = t if t is None or dtype is None or e.kind.dtype is not None else t.to(dtype)
+    source.finish()
+    return out

@@ -113,6 +113,8 @@ class InspectReport:
     notes: list[str] = field(default_factory=list)
     rank_files: list[RankFile] = field(default_factory=list)
     sidecar_files: list[OutputFile] = field(default_factory=list)
+    dist_files: list[OutputFile] = field(default_factory=list)  # torch_dist: data files and index (written or read)
+    format: str = "torch"
     hf_files: list[OutputFile] = field(default_factory=list)  # HF shards: hf-to-mcore's input, mcore-to-hf's output
     mapping: list[MappingLine] = field(default_factory=list)
     tensors: list[TensorLine] = field(default_factory=list)  # only with full=True
@@ -130,7 +132,7 @@ class InspectReport:
     @property
     def total_output_bytes(self) -> int:
         if self.direction == "hf-to-mcore":
-            return self.total_rank_bytes + sum(f.bytes for f in self.sidecar_files)
+            return self.total_rank_bytes + sum(f.bytes for f in self.sidecar_files + self.dist_files)
         return sum(f.bytes for f in self.hf_files)
 
     def to_dict(self) -> dict:
@@ -145,7 +147,7 @@ class InspectReport:
 def inspect_path(path: str | os.PathLike, *, tp: int | None = None, pp: int | None = None, ep: int | None = None,
                  spec: str | None = "te", dtype: str = "keep", full: bool = False, iteration: str | int | None = None,
                  hf_config: str | os.PathLike | None = None, max_shard_size: str = "5GB",
-                 jobs: int | None = None, max_memory: int | None = None) -> InspectReport:
+                 jobs: int | None = None, max_memory: int | None = None, format: str = "torch") -> InspectReport:
     """Plan a conversion of `path` without writing anything; every problem found lands in `report.errors`.
 
     HF input (folder or config.json): the hf-to-mcore plan for TP/PP/EP (default 1), `spec` (te|local)
@@ -158,7 +160,7 @@ def inspect_path(path: str | os.PathLike, *, tp: int | None = None, pp: int | No
         return _inspect_mcore(p, tp=tp, pp=pp, ep=ep, spec=spec, full=full, iteration=iteration,
                               hf_config=hf_config, max_shard_size=max_shard_size, jobs=jobs)
     return _inspect_hf(p, ImportOptions(tp or 1, pp or 1, ep or 1, spec or "te", dtype, jobs=jobs,
-                                        max_memory=max_memory), full=full)
+                                        max_memory=max_memory, format=format), full=full)
 
 
 def _is_megatron(p: Path) -> bool:
@@ -167,7 +169,8 @@ def _is_megatron(p: Path) -> bool:
 
 # --- HF input ---------------------------------------------------------------------------------
 def _inspect_hf(p: Path, opts: ImportOptions, *, full: bool) -> InspectReport:
-    rep = InspectReport(str(p), "hf", "hf-to-mcore", opts.tp, opts.pp, opts.ep, opts.spec, opts.dtype)
+    rep = InspectReport(str(p), "hf", "hf-to-mcore", opts.tp, opts.pp, opts.ep, opts.spec, opts.dtype,
+                        format=opts.format)
     if p.is_file() or (not p.exists() and p.suffix == ".json"):
         cfg_path, folder = p, None
         rep.source_kind = "config"
@@ -225,14 +228,18 @@ def _inspect_hf(p: Path, opts: ImportOptions, *, full: bool) -> InspectReport:
             rep.errors.append(str(e))
             workers = None
         _, results = execute(units, reader, writer, pl.step)
+        finished = writer.finish() if hasattr(writer, "finish") else {}
     rep.planned = True
     for res in results:
         for name, f in res.files.items():
             if name.endswith(RANK_FILE):
                 t, s, e = _rank_of(pl, name)
                 rep.rank_files.append(RankFile(name, t, s, e, f.bytes, f.data_bytes, f.tensors, f.keys))
-            else:
+            elif name.startswith(SIDECAR):
                 rep.sidecar_files.append(OutputFile(name, f.bytes, f.tensors))
+            else:
+                rep.dist_files.append(OutputFile(name, f.bytes, f.tensors))
+    rep.dist_files += [OutputFile(name, f.bytes, f.keys) for name, f in finished.items()]
     rep.rank_files.sort(key=lambda r: (r.pp, r.ep, r.tp))
     rep.notes += import_notes(pl)
     if opts.ep > 1:
@@ -273,7 +280,11 @@ def _inspect_mcore(root: Path, *, tp, pp, ep, spec, full, iteration, hf_config, 
     rep.errors += pl.problems
     rep.model = _model_summary(pl.cfg, hf_shapes(pl.cfg), {i.name: i.dtype for i in pl.infos})
     rep.mapping = _mapping(pl)
-    for t, s, e in lay.ranks():
+    rep.format = pl.format
+    if pl.format == "torch_dist":
+        rep.dist_files = [OutputFile(f"{pl.source.path.name}/{f.name}", f.stat().st_size, 0)
+                          for f in sorted(pl.source.path.iterdir()) if f.is_file()]
+    for t, s, e in (lay.ranks() if pl.format == "torch" else ()):
         f = pl.reader().path(t, s, e)
         if f.exists():
             model = load_rank_file(f)["model"]  # mmap: keys and shapes, no tensor data
@@ -476,7 +487,7 @@ def render(report: InspectReport, *, max_rank_lines: int = 64) -> str:
     """Plain text: a one-screen summary, then errors, rank files, mapping (and every tensor with full=True)."""
     r = report
     kinds = {"hf": "Hugging Face folder", "hf-config-only": "Hugging Face folder, config.json only (no weights)",
-             "config": "bare config.json, no weights", "mcore": "Megatron legacy checkpoint"}
+             "config": "bare config.json, no weights", "mcore": "Megatron checkpoint"}
     lines = [f"stepconv inspect: {r.source} ({kinds.get(r.source_kind, r.source_kind)})"]
     m = r.model
     if m:
@@ -485,13 +496,17 @@ def render(report: InspectReport, *, max_rank_lines: int = 64) -> str:
                      f"{m['experts']} experts (top-{m['top_k']}) on {m['moe_layers']} MoE layers")
         lines.append(f"  params     {_count(m['params'])} ({_count(m['expert_params'])} in routed experts), "
                      f"{m['hf_tensors']} HF tensors, {_size(m['hf_bytes'])} as HF safetensors")
-    lines.append(f"  plan       {r.direction}, TP={r.tp} PP={r.pp} EP={r.ep}, spec {r.spec}, dtype {r.dtype}")
+    lines.append(f"  plan       {r.direction}, TP={r.tp} PP={r.pp} EP={r.ep}, spec {r.spec}, dtype {r.dtype}, "
+                 f"format {r.format}")
     if r.rank_files:
         sizes = [f.bytes for f in r.rank_files]
         counts = sorted({f.tensors for f in r.rank_files})
         lines.append(f"  rank files {len(r.rank_files)} x {RANK_FILE}: {_size(sum(sizes))} total, "
                      f"{_size(min(sizes))} .. {_size(max(sizes))} each, "
                      f"{counts[0]}{'..' + str(counts[-1]) if len(counts) > 1 else ''} tensors each")
+    if r.dist_files:
+        lines.append(f"  torch_dist {len(r.dist_files)} files: {_size(sum(f.bytes for f in r.dist_files))} "
+                     f"(global keys; loads at any TP/PP/EP)")
     for f in r.sidecar_files:
         lines.append(f"  sidecar    {f.name}: {_size(f.bytes)}, {f.tensors} tensor(s)")
     if r.hf_files:

@@ -169,10 +169,11 @@ def _megatron_safe_globals() -> list:
     return list(getattr(sg, "SAFE_GLOBALS", []))
 
 
-def load_rank_file(path: Path) -> dict:
-    """torch.load(weights_only=True, mmap=True) under megatron-core's safe globals; nothing else is unpickled."""
+def load_rank_file(path: Path, need_model: bool = True) -> dict:
+    """torch.load(weights_only=True, mmap=True) under megatron-core's safe globals; nothing else is unpickled.
+    (Also reads a torch_dist `common.pt`, `need_model=False`: its args hold megatron enums.)"""
     if not path.exists():
-        raise StepconvError(f"{path}: missing rank file")
+        raise StepconvError(f"{path}: missing " + ("rank file" if need_model else "file"))
     for allow in (_SAFE, None):
         try:
             with torch.serialization.safe_globals(allow if allow is not None else _SAFE + _megatron_safe_globals()):
@@ -184,7 +185,7 @@ def load_rank_file(path: Path) -> dict:
                                     f"globals ({str(e).splitlines()[0]})") from None
         except (RuntimeError, EOFError, OSError) as e:
             raise StepconvError(f"{path}: corrupt or truncated rank file ({str(e).splitlines()[0]})") from None
-    if not isinstance(obj, dict) or "model" not in obj:
+    if not isinstance(obj, dict) or (need_model and "model" not in obj):
         keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
         raise StepconvError(f"{path}: no 'model' state dict (found {keys}); expected a Megatron legacy checkpoint")
     return obj
@@ -379,7 +380,8 @@ class LegacyReader:
         self.itdir, self.layout, self.expected, self.spec, self.meta = itdir, layout, expected, spec, meta
         self.heads = heads  # stepconv's MTP-head sidecar, when it belongs to this iteration
         self._first = first  # rank (0, 0, 0)'s already loaded file
-        self._models: dict[tuple[int, int], dict] = {}
+        self._models: dict[tuple[int, int, int], dict] = {}  # (tp_rank, stage, ep_rank) -> state dict (mapped)
+        self._stages: set[int] = set()
         self._ranges: list[tuple[int, int]] = []
         self._touched = 0
         self._lock = threading.Lock()
@@ -398,27 +400,35 @@ class LegacyReader:
         return units
 
     def open(self, unit: Unit) -> None:
+        if unit.stage is not None:
+            self._load_stage(unit.stage)
+
+    def _load_stage(self, stage: int) -> None:
+        """Map one PP stage's rank files (all TP and EP ranks) and check their keys against the plan."""
         lay = self.layout
-        if unit.stage is None:  # the sidecar
-            return
-        for p in range(lay.ep_size):
-            for t in range(lay.tp_size):
-                path = self.path(t, unit.stage, p)
-                if (t, unit.stage, p) == (0, 0, 0) and self._first is not None:
-                    m = self._first["model"]
-                else:
-                    m = load_rank_file(path)["model"]
-                # weights must match exactly; `_extra_state` entries carry none, and which modules have
-                # one depends on the TE version that saved the file, so they are neither required nor refused
-                want = {k for k in self.expected[(t, unit.stage, p)] if not k.endswith(EXTRA_STATE)}
-                have = {k for k in m if not k.endswith(EXTRA_STATE)}
-                if have != want:
-                    miss, unexp = sorted(want - have), sorted(have - want)
-                    raise StepconvError(f"{path}: keys do not match {lay} spec {self.spec}: "
-                                        + "; ".join(x for x in (f"missing {names_text(miss)}" if miss else "",
-                                                                f"unexpected {names_text(unexp)}" if unexp else "") if x))
-                self._models[(t, p)] = m
-        self._ranges = [mapped_range(m) for m in self._models.values()]
+        with self._lock:
+            if stage in self._stages:
+                return
+            for p in range(lay.ep_size):
+                for t in range(lay.tp_size):
+                    path = self.path(t, stage, p)
+                    if (t, stage, p) == (0, 0, 0) and self._first is not None:
+                        m = self._first["model"]
+                    else:
+                        m = load_rank_file(path)["model"]
+                    # weights must match exactly; `_extra_state` entries carry none, and which modules have
+                    # one depends on the TE version that saved the file, so they are neither required nor refused
+                    want = {k for k in self.expected[(t, stage, p)] if not k.endswith(EXTRA_STATE)}
+                    have = {k for k in m if not k.endswith(EXTRA_STATE)}
+                    if have != want:
+                        miss, unexp = sorted(want - have), sorted(have - want)
+                        raise StepconvError(f"{path}: keys do not match {lay} spec {self.spec}: "
+                                            + "; ".join(x for x in (f"missing {names_text(miss)}" if miss else "",
+                                                                    f"unexpected {names_text(unexp)}" if unexp else "")
+                                                        if x))
+                    self._models[(t, stage, p)] = m
+                    self._ranges.append(mapped_range(m))
+            self._stages.add(stage)
 
     def nbytes(self, entry: Entry) -> int:
         return 0
@@ -432,7 +442,8 @@ class LegacyReader:
                 self.bytes_read += t.numel() * t.element_size()
             return [t]
         p = entry.ep_rank if entry.ep_rank is not None else 0
-        parts = [self._models[(t, p)][entry.key] for t in range(self.layout.tp_size)]
+        self._load_stage(entry.stage)  # (a reader used outside units maps stages as entries need them)
+        parts = [self._models[(t, entry.stage, p)][entry.key] for t in range(self.layout.tp_size)]
         for t, s in enumerate(parts):
             if not isinstance(s, torch.Tensor):
                 raise StepconvError(f"{self.path(t, entry.stage, p)}: {entry.key} is {type(s).__name__}, expected a tensor")
@@ -448,7 +459,11 @@ class LegacyReader:
                 self._touched = 0
         return parts
 
-    def close(self, unit: Unit) -> None:
-        self._models.clear()
-        self._ranges = []
-        self._first = None
+    def close(self, unit: Unit | None = None) -> None:
+        """Unmap the unit's stage (every stage when `unit` is None)."""
+        with self._lock:
+            for key in [k for k in self._models if unit is None or k[1] == unit.stage]:
+                del self._models[key]
+            self._stages = {s for s in self._stages if unit is not None and s != unit.stage}
+            self._ranges = [mapped_range(m) for m in self._models.values()]
+            self._first = None

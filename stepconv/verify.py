@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .config import Step35Config, StepconvError
-from .mapping import MTP_BLOCK, Layout, detect_mtp_block, detect_spec, respec_state_dict
-from .megatron_io import RANK_FILE, load_rank_file, rank_dir_name, resolve_iteration
+from .mapping import MTP_BLOCK, Layout, detect_mtp_block, respec_state_dict
+from .megatron_io import RANK_FILE, load_rank_file, rank_dir_name
 
 GATES = {
     "fp32": {"max_abs": 1e-4, "top1": 1.0},
@@ -137,10 +137,27 @@ class RankFiles:
                                  dst="local", src_mtp=self.mtp_block)
 
 
+class ResplitRanks:
+    """Per-rank local-spec state dicts at `layout` built from a checkpoint of any format or layout (torch_dist,
+    or legacy files saved at another layout): each rank process reads only the tensors its rank holds."""
+
+    def __init__(self, mcore_dir: Path, iteration: str | None, hf_config: Path, layout: Layout):
+        self.mcore_dir, self.iteration, self.hf_config, self.layout = mcore_dir, iteration, hf_config, layout
+
+    def __call__(self, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
+        from .convert import plan_export, rank_state_dict
+
+        src = plan_export(self.mcore_dir, iteration=self.iteration, hf_config=self.hf_config)
+        return rank_state_dict(src, self.layout, "local", tp_rank, pp_rank, ep_rank)
+
+
 def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: str = "fp32", batch: int | None = None,
            seq_len: int | None = None, prompt_file: str | os.PathLike | None = None, seed: int = 0,
            iteration: str | None = None, trust_remote_code: bool = False,
-           window_convention: str | None = None, device: str | None = None) -> VerifyReport:
+           window_convention: str | None = None, device: str | None = None,
+           layout: Layout | None = None) -> VerifyReport:
+    """Logit parity of `hf_dir` and the Megatron checkpoint `mcore_dir` (legacy or torch_dist), the Megatron side run
+    at `layout` (default: the layout recorded in the checkpoint's args)."""
     from .hf_reference import load_hf_reference
     from .mcore.run import megatron_forward
 
@@ -149,13 +166,14 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
         raise StepconvError(f"--dtype must be fp32 or bf16; got {dtype!r}")
     hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
     cfg = Step35Config.from_file(hf_dir / "config.json")
-    src = resolve_iteration(mcore_dir, iteration)
-    itdir = src.path
-    dirs = sorted(p for p in itdir.glob("mp_rank_*") if (p / RANK_FILE).exists())
-    if not dirs:
-        raise StepconvError(f"{itdir}: no mp_rank_* rank files; expected a legacy (--ckpt-format torch) checkpoint")
-    args = load_rank_file(dirs[0] / RANK_FILE)["args"]
-    lay = Layout.from_args(args, str(dirs[0] / RANK_FILE))
+    from .convert import plan_export
+
+    src = plan_export(mcore_dir, iteration=iteration, hf_config=hf_dir / "config.json")
+    if src.problems:
+        raise StepconvError(src.problems[0])
+    args = src.args
+    lay = layout or src.layout
+    cfg.validate_parallel(lay.tp_size, lay.pp_size, lay.ep_size)
     tp, pp, ep = lay.tp_size, lay.pp_size, lay.ep_size
     if window_convention is None:
         window_convention = (getattr(args, "stepconv", None) or {}).get("sliding_window_convention") or getattr(
@@ -181,8 +199,11 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
         hf = ref.forward(ids)
     t_hf = time.time() - t1
     t1 = time.time()
-    keys = list(load_rank_file(itdir / rank_dir_name(0, pp - 1, 0, pp, ep) / RANK_FILE)["model"])
-    loader = RankFiles(itdir, cfg.raw, lay, detect_spec(keys), detect_mtp_block(keys))
+    if src.format == "torch" and lay == src.layout:
+        keys = [e.key for e in src.entries if e.stage == pp - 1 and e.kind.megatron]
+        loader = RankFiles(src.source.path, cfg.raw, lay, src.spec, detect_mtp_block(keys))
+    else:
+        loader = ResplitRanks(Path(mcore_dir), iteration, hf_dir / "config.json", lay)
     mc = megatron_forward(loader, cfg.raw, ids, tp=tp, pp=pp, ep=ep, window_convention=window_convention,
                           dtype=torch_dtype, start_method="forkserver", device=device)
     t_mc = time.time() - t1

@@ -1,0 +1,509 @@
+"""Megatron's `torch_dist` format (`--ckpt-format torch_dist`), written and read without a model, a process group
+or a GPU, one chunk at a time.
+
+A torch_dist iteration folder is a PyTorch distributed checkpoint (`.metadata` index + `*.distcp` data files,
+each tensor chunk one `torch.save` blob) plus Megatron's `common.pt` (args) and `metadata.json` (written last:
+its presence is how Megatron recognises the format). Keys are global and layout-independent: the tensor a key
+holds is what the tensor kinds call the global tensor (`Kind.fragments`), e.g. `linear_qkv.weight._qkv` (the TP=1
+per-group [q…, k, v] rows) and `linear_qkv.weight._gate` (g_proj), experts stacked along a leading axis. So the
+plan is the TP=1 plan: `TorchDistWriter` takes each entry's TP=1 tensor and stores its fragments; `TorchDistReader`
+assembles an entry's TP=1 tensor from whatever chunks cover it (any saving layout), and `kind.merge` at TP=1
+gives the HF tensors.
+
+Safety: `.metadata` is a pickle; it is read by an unpickler that admits only torch.distributed.checkpoint's own
+metadata classes. Chunks are read with `torch.load(weights_only=True)`; `_extra_state` blobs are never unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import pickle
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint import metadata as dcp_md
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+from .config import StepconvError, names_text
+from .engine import FileStat, Unit, UnitResult
+from .hf_io import SafetensorsWriter, TensorInfo, read_safetensors_tensor
+from .kinds import EXTRA, QKVG_, SplitContext
+from .mapping import Entry, Layout
+
+METADATA_JSON = "metadata.json"
+COMMON = "common.pt"
+DCP_INDEX = ".metadata"
+CHUNK_BYTES = 256 << 20  # largest chunk written: the 1 GB vocab matrices go in row blocks, so reads stay bounded
+MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
+                     "common_backend_version": 1}
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
+
+# local spec: megatron maps these module names in sharded keys (get_gpt_layer_local_spec's sharded_state_dict_keys_map)
+_LOCAL_KEYS_MAP = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_"),
+                   ("pre_mlp_layernorm.", "mlp.linear_fc1.layer_norm_"))
+_EXPERT = re.compile(r"mlp\.experts\.(?:local_experts\.\d+\.(linear_fc[12])\.(weight|_extra_state)"
+                     r"|(linear_fc[12])\.(weight)\d+|(linear_fc[12])\.(_extra_state))$")
+_DROPPED = ("self_attention.core_attention._extra_state", "output_layer._extra_state")  # not in sharded_state_dict
+
+
+def is_torch_dist(itdir: Path) -> bool:
+    return (itdir / METADATA_JSON).is_file()
+
+
+def dist_key(entry: Entry, spec: str, num_experts: int) -> str | None:
+    """The torch_dist key of a TP=1, PP=1 plan entry (global layer index), without the kind's suffix; None for
+    entries megatron's sharded_state_dict does not hold. `_extra_state` keys carry their ShardedObject suffix."""
+    key = entry.key
+    if not key or key.endswith(_DROPPED):
+        return None
+    m = _EXPERT.search(key)
+    if m:
+        module = m.group(1) or m.group(3) or m.group(5)
+        leaf = m.group(2) or m.group(4) or m.group(6)
+        key = key[:m.start()] + f"mlp.experts.experts.{module}.{leaf}"
+        if entry.kind is EXTRA:
+            return f"{key}/shard_{entry.expert}_{num_experts}" if entry.expert is not None else key
+        return key
+    if spec == "local":
+        for a, b in _LOCAL_KEYS_MAP:
+            key = key.replace("." + a, "." + b)
+    return f"{key}/shard_0_1" if entry.kind is EXTRA else key
+
+
+def _extra_entries(entries: list[Entry], spec: str, num_experts: int) -> list[tuple[Entry, str]]:
+    """(entry, object key) for every `_extra_state` the spec requests; TE's grouped experts hold one per expert."""
+    out = []
+    for e in entries:
+        if e.kind is not EXTRA:
+            continue
+        k = dist_key(e, spec, num_experts)
+        if k is None:
+            continue
+        if "/shard_" not in k:  # a grouped-experts module: megatron shards its state per expert
+            out += [(e, f"{k}/shard_{x}_{num_experts}") for x in range(num_experts)]
+        else:
+            out.append((e, k))
+    return out
+
+
+@dataclass(frozen=True)
+class _Piece:
+    key: str
+    global_shape: tuple[int, ...]
+    offsets: tuple[int, ...]
+    rows: slice  # rows of the entry's TP=1 tensor
+
+
+def pieces(entry: Entry, spec: str, num_experts: int) -> list[_Piece]:
+    """Where an entry's TP=1 tensor lives in the global tensors (experts: at their index of the stacked axis)."""
+    base = dist_key(entry, spec, num_experts)
+    if base is None or entry.kind is EXTRA or not entry.kind.megatron:
+        return []
+    out: list[_Piece] = []
+    axis = 1 if entry.expert is not None else 0
+    for f in entry.kind.fragments(entry.source_shapes, entry.ctx, 0):
+        shape, offsets = f.global_shape, f.offsets
+        if entry.expert is not None:
+            shape, offsets = (num_experts, *shape), (entry.expert, *offsets)
+        prev = out[-1] if out else None
+        if (prev is not None and prev.key == base + f.suffix and prev.rows.stop == f.rows.start
+                and offsets[axis] == prev.offsets[axis] + (prev.rows.stop - prev.rows.start)
+                and all(a == b for i, (a, b) in enumerate(zip(offsets, prev.offsets)) if i != axis)):
+            out[-1] = _Piece(prev.key, prev.global_shape, prev.offsets, slice(prev.rows.start, f.rows.stop))
+        else:  # (at TP=1 a SwiGLU's gate and up halves are one contiguous piece: one chunk per expert)
+            out.append(_Piece(base + f.suffix, tuple(shape), tuple(offsets), f.rows))
+    return out
+
+
+# --- writing --------------------------------------------------------------------------------------------
+class TorchDistWriter:
+    """engine.Writer for torch_dist: each ordered unit appends its chunks (`torch.save` blobs, as DCP's
+    FileSystemWriter writes them) to its own `.distcp` file; `finish` writes the DCP index, `common.pt` and,
+    last, `metadata.json`. A dry run writes nothing and counts the same blobs' sizes."""
+
+    def __init__(self, root: Path, entries: list[Entry], spec: str, num_experts: int, args: argparse.Namespace,
+                 heads: list[TensorInfo], *, dry: bool = False):
+        self.root, self.spec, self.num_experts, self.args, self.heads, self.dry = root, spec, num_experts, args, heads, dry
+        self.itdir = root / "release"
+        self._open: dict[str, Any] = {}
+        self._lock = threading.Lock()
+        self.tensors: dict[str, dcp_md.TensorStorageMetadata] = {}
+        self.objects: list[str] = [k for _, k in _extra_entries(entries, spec, num_experts)]
+        self.storage: dict[dcp_md.MetadataIndex, _StorageInfo] = {}
+
+    def units(self, entries: list[Entry]) -> list[Unit]:
+        """One unit, and one data file, per decoder layer (and one for the embedding and the head)."""
+        groups: dict[Any, list[Entry]] = {}
+        for e in entries:
+            if e.kind.megatron and not e.replica and e.kind is not EXTRA:
+                groups.setdefault(e.layer if e.layer is not None else -1, []).append(e)
+        units = [Unit(f"chunks {n}", es, [f"release/__{n}_0.distcp"]) for n, es in enumerate(groups.values())]
+        side = [e for e in entries if not e.kind.megatron]
+        if side:
+            units.append(Unit("mtp-heads", side, ["stepconv/mtp_heads.safetensors"]))
+        return units
+
+    def begin(self) -> None:
+        if not self.dry:
+            self.itdir.mkdir(parents=True, exist_ok=True)
+
+    def start(self, unit: Unit) -> None:
+        final = self.root / unit.outputs[0]
+        if unit.name == "mtp-heads":
+            if not self.dry:
+                final.parent.mkdir(parents=True, exist_ok=True)
+            self._open[unit.name] = SafetensorsWriter(final.with_name(final.name + ".tmp"), self.heads, dry=self.dry)
+        else:
+            self._open[unit.name] = _Sink(None if self.dry else final)
+
+    def put(self, unit: Unit, entry: Entry, tensors) -> None:
+        if unit.name == "mtp-heads":
+            self._open[unit.name].write(entry.hf[0], 0, tensors[0])
+            return
+        sink: _Sink = self._open[unit.name]
+        t = tensors[0]  # the TP=1 tensor
+        axis = 1 if entry.expert is not None else 0  # the row axis of the global tensor
+        for p in pieces(entry, self.spec, self.num_experts):
+            part = t[p.rows]
+            row_bytes = part[0].numel() * part.element_size() if part.dim() > 1 else part.numel() * part.element_size()
+            step = max(1, CHUNK_BYTES // max(1, row_bytes)) if part.dim() > 1 else max(1, len(part))
+            for lo in range(0, max(len(part), 1), step):
+                chunk = part[lo:lo + step] if part.dim() > 1 else part
+                if entry.expert is not None:
+                    chunk = chunk.unsqueeze(0)
+                offsets = list(p.offsets)
+                offsets[axis] += lo
+                offset, length = sink.save(chunk)
+                self._record(p.key, p.global_shape, chunk.dtype, tuple(offsets), tuple(chunk.shape),
+                             _StorageInfo(Path(unit.outputs[0]).name, offset, length))
+
+    def _record(self, key, global_shape, dtype, offsets, size, where: _StorageInfo) -> None:
+        with self._lock:
+            md = self.tensors.get(key)
+            if md is None:
+                md = self.tensors[key] = dcp_md.TensorStorageMetadata(dcp_md.TensorProperties(dtype=dtype),
+                                                                      torch.Size(global_shape), [])
+            elif md.properties.dtype != dtype or tuple(md.size) != tuple(global_shape):
+                raise StepconvError(f"internal: {key} written as two different tensors")
+            md.chunks.append(dcp_md.ChunkStorageMetadata(torch.Size(offsets), torch.Size(size)))
+            self.storage[dcp_md.MetadataIndex(key, torch.Size(offsets))] = where
+
+    def end(self, unit: Unit) -> UnitResult:
+        f = self._open.pop(unit.name)
+        res = UnitResult()
+        if unit.name == "mtp-heads":
+            incomplete = f.close()
+            if incomplete:
+                raise StepconvError(f"internal audit: MTP heads not fully written: {names_text(incomplete)}")
+            n = len(f.infos)
+            res.files[unit.outputs[0]] = FileStat(f.bytes_written, f.bytes_written - f.data_start, n, n)
+            if not self.dry:
+                os.replace(f.path, self.root / unit.outputs[0])
+            return res
+        res.files[unit.outputs[0]] = f.close()
+        return res
+
+    def finish(self) -> dict[str, FileStat]:
+        """Audit (every global tensor covered exactly once), then write the objects' blob, `common.pt`, the DCP
+        index and, last, `metadata.json`. Returns what those files hold."""
+        problems = []
+        for key, md in self.tensors.items():
+            covered = sum(_numel(c.sizes) for c in md.chunks)
+            if covered != _numel(md.size) or len({tuple(c.offsets) for c in md.chunks}) != len(md.chunks):
+                problems.append(f"{key} ({covered}/{_numel(md.size)} elements)")
+        if problems:
+            raise StepconvError(f"audit failed, not publishing: global tensors not covered exactly once: "
+                                f"{names_text(sorted(problems))}")
+        blob = io.BytesIO()
+        torch.save([None], blob)  # what megatron stores for a local linear's `_extra_state` ShardedObject
+        objects = blob.getvalue()
+        state: dict[str, Any] = dict(self.tensors)
+        storage = dict(self.storage)
+        for k in self.objects:  # every object is the same blob: one copy, indexed under each key
+            state[k] = dcp_md.BytesStorageMetadata()
+            storage[dcp_md.MetadataIndex(k)] = _StorageInfo(OBJECTS, 0, len(objects))
+        index = pickle.dumps(dcp_md.Metadata(state_dict_metadata=state, planner_data=None, storage_data=storage))
+        common = io.BytesIO()
+        torch.save({"args": self.args, "checkpoint_version": 3.0, "iteration": 0,
+                    "num_floating_point_operations_so_far": 0, "content_metadata": dict(CONTENT_METADATA)}, common)
+        meta_json = json.dumps(MEGATRON_METADATA).encode()
+        files = {OBJECTS: objects, COMMON: common.getvalue(), DCP_INDEX: index, METADATA_JSON: meta_json}
+        if not self.dry:
+            for name, data in files.items():  # metadata.json last: only then is this a torch_dist checkpoint
+                with open(self.itdir / name, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+        n_objects = len(self.objects)
+        return {f"release/{name}": FileStat(len(data), 0, 0, n_objects if name == DCP_INDEX else 0)
+                for name, data in files.items()}
+
+
+OBJECTS = "__objects_0.distcp"
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+class _Counter(io.RawIOBase):
+    """A write-only file that keeps only its length (the dry run's `.distcp`)."""
+
+    def __init__(self):
+        self.pos = self.end = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = memoryview(b).nbytes
+        self.pos += n
+        self.end = max(self.end, self.pos)
+        return n
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        self.pos = off if whence == 0 else self.pos + off if whence == 1 else self.end + off
+        self.end = max(self.end, self.pos)
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+
+class _Sink:
+    """One `.distcp` file: chunks appended as `torch.save` blobs. Dry (no path): torch's own writer lays each blob
+    out on a counting file with `skip_data`, so lengths and offsets are the real ones and no byte is held."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+        self.tmp = path.with_name(path.name + ".tmp") if path else None
+        self.f = open(self.tmp, "wb") if path else _Counter()
+        self.chunks = self.data = 0
+
+    def save(self, chunk: torch.Tensor) -> tuple[int, int]:
+        start = self.f.tell()
+        if chunk.is_meta:  # an uninitialised CPU tensor of the same shape: never touched, so never resident
+            with torch.serialization.skip_data():
+                torch.save(torch.empty(chunk.shape, dtype=chunk.dtype), self.f)
+        else:
+            # a view of a larger tensor would save that tensor's whole storage: store exactly this chunk
+            torch.save(chunk if _owns_storage(chunk) else chunk.clone(), self.f)
+        self.chunks += 1
+        self.data += chunk.numel() * chunk.element_size()
+        return start, self.f.tell() - start
+
+    def close(self) -> FileStat:
+        size = self.f.tell()
+        if self.path is not None:
+            self.f.flush()
+            os.fsync(self.f.fileno())
+            self.f.close()
+            os.replace(self.tmp, self.path)
+        return FileStat(size, self.data, self.chunks, self.chunks)
+
+
+def _owns_storage(t: torch.Tensor) -> bool:
+    return t.is_contiguous() and t.storage_offset() == 0 and t.untyped_storage().nbytes() == t.numel() * t.element_size()
+
+
+# --- reading --------------------------------------------------------------------------------------------
+_DCP_CLASSES = {("torch.distributed.checkpoint.metadata", n) for n in (
+    "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+    "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | {
+    ("torch.distributed.checkpoint.planner", n) for n in (
+        "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")}
+_DTYPES = {str(getattr(torch, n)).removeprefix("torch.") for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype)}
+
+
+class _IndexUnpickler(pickle.Unpickler):
+    """Admits only torch.distributed.checkpoint's metadata classes (and torch dtypes/sizes): a `.metadata` that
+    names anything else is refused before any of it runs."""
+
+    def __init__(self, f, where: Path):
+        super().__init__(f)
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in _DCP_CLASSES or (module == "torch" and name in _DTYPES):
+            return super().find_class(module, name)
+        raise StepconvError(f"{self.where}: refers to {module}.{name}, which a distributed-checkpoint index never "
+                            f"holds; refusing to unpickle it")
+
+
+def read_index(itdir: Path) -> dcp_md.Metadata:
+    path = itdir / DCP_INDEX
+    try:
+        with open(path, "rb") as f:
+            md = _IndexUnpickler(f, path).load()
+    except FileNotFoundError:
+        raise StepconvError(f"{path}: missing; a torch_dist iteration folder holds .metadata beside metadata.json") \
+            from None
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, TypeError, ValueError) as e:
+        raise StepconvError(f"{path}: corrupt distributed-checkpoint index ({str(e).splitlines()[0]})") from None
+    if not isinstance(md, dcp_md.Metadata):
+        raise StepconvError(f"{path}: holds a {type(md).__name__}, expected a distributed-checkpoint Metadata")
+    sizes: dict[str, int] = {}
+    for idx, info in md.storage_data.items():
+        if not isinstance(info, _StorageInfo) or "/" in info.relative_path or info.relative_path.startswith("."):
+            raise StepconvError(f"{path}: storage entry for {idx.fqn} names {getattr(info, 'relative_path', info)!r}; "
+                                f"expected a data file in {itdir}")
+        if info.relative_path not in sizes:
+            f = itdir / info.relative_path
+            sizes[info.relative_path] = f.stat().st_size if f.is_file() else -1
+        if sizes[info.relative_path] < 0:
+            raise StepconvError(f"{itdir / info.relative_path}: missing (.metadata places {idx.fqn} in it)")
+        if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[info.relative_path]:
+            raise StepconvError(f"{itdir / info.relative_path}: truncated: {idx.fqn} spans bytes {info.offset}.."
+                                f"{info.offset + info.length}, the file has {sizes[info.relative_path]}")
+    return md
+
+
+def read_common(itdir: Path) -> dict:
+    """`common.pt` (args, iteration, ...) under megatron-core's safe globals, never with plain pickle."""
+    from .megatron_io import load_rank_file
+
+    return load_rank_file(itdir / COMMON, need_model=False)
+
+
+class TorchDistReader:
+    """engine.Reader over a torch_dist iteration: `read(entry)` assembles the entry's TP=1 tensor from whatever
+    chunks cover it, reading only those chunks (one expert, a row block of the vocab, one saving rank's rows).
+    `meta=True` checks every needed key and shape and returns meta tensors. `saved_tp`: the TP size the
+    checkpoint was saved at, for a gate fused into `linear_qkv.weight` per rank (no `._qkv`/`._gate` keys)."""
+
+    def __init__(self, itdir: Path, index: dcp_md.Metadata, spec: str, num_experts: int, *, saved_tp: int = 1,
+                 meta: bool = False, heads: Path | None = None):
+        self.itdir, self.index, self.spec, self.num_experts = itdir, index, spec, num_experts
+        self.saved_tp, self.meta, self.heads = saved_tp, meta, heads
+        self.chunks: dict[str, list[tuple[tuple, tuple, _StorageInfo]]] = {}
+        for idx, info in index.storage_data.items():
+            md = index.state_dict_metadata.get(idx.fqn)
+            if isinstance(md, dcp_md.TensorStorageMetadata) and idx.offset is not None:
+                size = next((tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == tuple(idx.offset)), None)
+                if size is not None:
+                    self.chunks.setdefault(idx.fqn, []).append((tuple(idx.offset), size, info))
+        self._fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        self.bytes_read = 0
+
+    def units(self, entries: list[Entry]) -> list[Unit]:
+        units = [Unit("tensors", [e for e in entries if e.kind.megatron and e.kind.sources and not e.replica],
+                      ordered=False)]
+        if self.heads is not None:
+            units.append(Unit("mtp-heads", [e for e in entries if not e.kind.megatron], ordered=False))
+        return units
+
+    def open(self, unit: Unit) -> None:
+        pass
+
+    def close(self, unit: Unit) -> None:
+        pass
+
+    def nbytes(self, entry: Entry) -> int:
+        return 0
+
+    def _meta(self, key: str, want: tuple[int, ...], vocab_rows: bool) -> dcp_md.TensorStorageMetadata:
+        md = self.index.state_dict_metadata.get(key)
+        if not isinstance(md, dcp_md.TensorStorageMetadata):
+            raise StepconvError(f"{self.itdir}: {key} is missing from the checkpoint (.metadata has no such tensor)")
+        have = tuple(md.size)
+        if len(have) != len(want) or any(h != w for i, (h, w) in enumerate(zip(have, want))
+                                         if not (vocab_rows and i == 0 and h >= w)):
+            raise StepconvError(f"{self.itdir}: {key} has global shape {list(have)}, expected {list(want)}")
+        if not md.properties.dtype.is_floating_point:
+            raise StepconvError(f"{self.itdir}: {key} is {md.properties.dtype}; expected floating-point weights")
+        return md
+
+    def read(self, entry: Entry) -> list[torch.Tensor]:
+        if not entry.kind.megatron:
+            if self.meta:
+                return [torch.empty(entry.hf_shapes[0], dtype=torch.bfloat16, device="meta")]
+            t = read_safetensors_tensor(self.heads, entry.hf[0])
+            return [t]
+        ps = pieces(entry, self.spec, self.num_experts)
+        if entry.kind is QKVG_ and ps[0].key not in self.index.state_dict_metadata:
+            return [self._fused_qkvg(entry, ps[0].key.removesuffix("._qkv"))]
+        shape = entry.kind.rank_shape(entry.source_shapes, entry.ctx, 0)
+        mds = [self._meta(p.key, p.global_shape, entry.kind.name == "vocab") for p in ps]
+        dtype = mds[0].properties.dtype
+        if self.meta:
+            return [torch.empty(shape, dtype=dtype, device="meta")]
+        t = torch.zeros(shape, dtype=dtype)  # vocab pad rows stay zero; every other row is covered below
+        for p in ps:
+            sizes = [p.rows.stop - p.rows.start, *shape[1:]]
+            if entry.expert is not None:
+                sizes = [1, *sizes]
+            region = self.region(p.key, p.offsets, tuple(sizes))
+            t[p.rows] = region[0] if entry.expert is not None else region
+        return [t]
+
+    def _fused_qkvg(self, entry: Entry, key: str) -> torch.Tensor:
+        """A gate fused into `linear_qkv.weight` per saving TP rank (stepconv's model on released megatron-core):
+        the global tensor is the saving ranks' [qkv_r; gate_r] one after another."""
+        tp = self.saved_tp
+        rows = entry.kind.rank_shape(entry.source_shapes, SplitContext(tp, entry.ctx.attn), 0)[0]
+        cols = entry.source_shapes[0][1]
+        md = self._meta(key, (tp * rows, cols), False)
+        if self.meta:
+            return torch.empty(entry.kind.rank_shape(entry.source_shapes, entry.ctx, 0), dtype=md.properties.dtype,
+                               device="meta")
+        whole = self.region(key, (0, 0), (tp * rows, cols))
+        qkvg = QKVG_.merge(list(whole.chunk(tp)), SplitContext(tp, entry.ctx.attn))
+        return QKVG_.split(list(qkvg), entry.ctx, 0)
+
+    def region(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
+        """The box [offsets, offsets + sizes) of global tensor `key`, from the chunks that overlap it."""
+        md = self.index.state_dict_metadata[key]
+        out = torch.empty(sizes, dtype=md.properties.dtype)
+        covered = 0
+        for c_off, c_size, info in self.chunks.get(key, []):
+            lo = [max(a, b) for a, b in zip(offsets, c_off)]
+            hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, c_off, c_size)]
+            if any(h <= l for l, h in zip(lo, hi)):
+                continue
+            chunk = self._load(key, info, c_size)
+            src = chunk[tuple(slice(l - b, h - b) for l, h, b in zip(lo, hi, c_off))]
+            out[tuple(slice(l - a, h - a) for l, h, a in zip(lo, hi, offsets))] = src
+            covered += src.numel()
+            del chunk
+        if covered != out.numel():
+            raise StepconvError(f"{self.itdir}: {key}: the chunks in .metadata cover {covered} of the {out.numel()} "
+                                f"elements at offsets {list(offsets)} (overlapping or missing chunks)")
+        return out
+
+    def _load(self, key: str, info: _StorageInfo, size: tuple) -> torch.Tensor:
+        with self._lock:
+            fd = self._fds.get(info.relative_path)
+            if fd is None:
+                fd = self._fds[info.relative_path] = os.open(self.itdir / info.relative_path, os.O_RDONLY)
+            self.bytes_read += info.length
+        blob = os.pread(fd, info.length, info.offset)
+        try:
+            t = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+        except Exception as e:  # any failure to read a blob is a corrupt file, reported as one line
+            raise StepconvError(f"{self.itdir / info.relative_path}: {key}: corrupt chunk at byte {info.offset} "
+                                f"({str(e).splitlines()[0]})") from None
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(size):
+            raise StepconvError(f"{self.itdir / info.relative_path}: {key}: chunk at byte {info.offset} holds "
+                                f"{getattr(t, 'shape', type(t).__name__)}, .metadata says {list(size)}")
+        return t
+
+
+def detect_spec(index: dcp_md.Metadata) -> str:
+    """TE keeps MoE layers' pre-MLP norm as `pre_mlp_layernorm`; the local spec maps it to linear_fc1's."""
+    return "te" if any(k.endswith(".pre_mlp_layernorm.weight") for k in index.state_dict_metadata) else "local"
