@@ -12,7 +12,7 @@
    tiling one seeded random block (valid bf16, no NaN), written with safetensors in ~2 GB shards plus
    model.safetensors.index.json.
 2. Times, each as its own `stepconv ... --quiet` subprocess: hf-to-mcore --tp 4, hf-to-mcore --tp 2 --ep 2,
-   mcore-to-hf of the TP=4 output; and `cp -r` of each conversion's input, on the same disk. Page cache:
+   mcore-to-hf of the TP=4 output, hf-to-mcore --format torch_dist and mcore-to-hf of that; and `cp -r` of each conversion's input, on the same disk. Page cache:
    dropping caches is not possible here, so before every run (cp and conversion alike) the dirty pages
    are flushed with `sync` and the run's input is read once in full (warm cache for every run; none of the
    runs hits the disk for reads). For each run: wall time to exit, time of the `sync` that follows
@@ -289,7 +289,8 @@ def stepconv_cmd(*args: str) -> list[str]:
 
 def bench_scale(scale: int, work: Path, *, keep: bool = False, shard_bytes: int = 2 * 10**9, repeat: int = 3,
                 **kw) -> dict:
-    """Generate at `scale`, then `repeat` rounds of cp / hf-to-mcore TP4 / TP2xEP2 / cp of TP4 output / mcore-to-hf.
+    """Generate at `scale`, then `repeat` rounds of cp / hf-to-mcore TP4 / TP2xEP2 / cp of TP4 output / mcore-to-hf /
+    hf-to-mcore torch_dist / cp of it / mcore-to-hf of it.
 
     Rounds are interleaved (the disk's speed drifts); each run's figures are kept, and the summary per run
     takes the median time over rounds and the largest peak RSS.
@@ -318,7 +319,7 @@ def bench_scale(scale: int, work: Path, *, keep: bool = False, shard_bytes: int 
 
     print(f"scale {scale}: {facts['bytes'] / 1e9:.2f} GB in {facts['files']} files, generated in "
           f"{facts['seconds']} s", flush=True)
-    m4, m22, back = work / "mcore-tp4", work / "mcore-tp2-ep2", work / "hf-back"
+    m4, m22, back, dist = work / "mcore-tp4", work / "mcore-tp2-ep2", work / "hf-back", work / "mcore-dist"
     cp_out, cp_m = work / "cp-hf", work / "cp-mcore"
     for k in range(repeat):
         print(f" round {k + 1}/{repeat}", flush=True)
@@ -334,6 +335,14 @@ def bench_scale(scale: int, work: Path, *, keep: bool = False, shard_bytes: int 
         run("mcore-to-hf (of TP=4)", stepconv_cmd("mcore-to-hf", "--quiet", str(m4), "-o", str(back)), m4, back,
             "cp -r mcore TP=4")
         shutil.rmtree(back)
+        run("hf-to-mcore torch_dist", stepconv_cmd("hf-to-mcore", "--quiet", "--format", "torch_dist", "--tp", "4",
+                                                   str(src), "-o", str(dist)), src, dist, "cp -r HF")
+        run("cp -r torch_dist", ["cp", "-r", str(dist), str(cp_m)], dist, cp_m)
+        shutil.rmtree(cp_m)
+        run("mcore-to-hf (of torch_dist)", stepconv_cmd("mcore-to-hf", "--quiet", str(dist), "-o", str(back)), dist,
+            back, "cp -r torch_dist")
+        shutil.rmtree(back)
+        shutil.rmtree(dist)
     if not keep:
         for p in (m4, src):
             shutil.rmtree(p, ignore_errors=True)
