@@ -27,7 +27,6 @@ from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_sha
 from .memory import fixed_mmap_threshold
 from .megatron_io import (MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter, load_rank_file,
                           rank_dir_name, rank_dir_problems, resolve_iteration, write_tracker)
-from .torch_dist import TorchDistReader, TorchDistWriter, detect_spec as dist_spec, is_torch_dist, read_common, read_index
 
 WINDOW_CONVENTIONS = ("hf", "megatron")
 FORMATS = ("torch", "torch_dist")
@@ -149,8 +148,10 @@ class ImportPlan:
         return [TensorInfo(h, MTP_HEADS, self.source_dtypes[h], s) for e in self.entries if not e.kind.megatron
                 for h, s in zip(e.hf, e.hf_shapes)]
 
-    def writer(self, root: Path, *, dry: bool = False) -> LegacyWriter | TorchDistWriter:
+    def writer(self, root: Path, *, dry: bool = False) -> LegacyWriter | "torch_dist.TorchDistWriter":
         if self.options.format == "torch_dist":
+            from .torch_dist import TorchDistWriter  # (torch.distributed.checkpoint: +47 MB, only when used)
+
             return TorchDistWriter(root, self.entries, self.options.spec, self.cfg.num_experts, self.args, self.heads(),
                                    dry=dry)
         return LegacyWriter(root, self.layout, self.args, self.heads(), dry=dry)
@@ -233,10 +234,10 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     opts = ImportOptions.of(options)
     ckpt = HFCheckpoint(hf_dir)
     cfg = ckpt.config
-    problems = opts.problems(cfg) + hf_tensor_problems(ckpt.tensors, hf_shapes(cfg), ckpt.path)
+    pl = plan_import(cfg, {n: i.dtype for n, i in ckpt.tensors.items()}, opts)  # (raises on a bad option)
+    problems = hf_tensor_problems(ckpt.tensors, hf_shapes(cfg, pl.entries), ckpt.path)
     if problems:
         raise StepconvError(problems[0])
-    pl = plan_import(cfg, {n: i.dtype for n, i in ckpt.tensors.items()}, opts)
     out = Path(out_dir) if out_dir else ckpt.path.with_name(ckpt.path.name + "-mcore")
     _check_distinct(ckpt.path, out)
     reader = HFReader(pl.source_dtypes, ckpt)
@@ -261,7 +262,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         if wrong or set(consumed) - set(ckpt.tensors):
             raise StepconvError(f"audit failed, not publishing: source tensors not consumed exactly once: "
                                 f"{names_text(wrong)}")
-        finished = writer.finish() if isinstance(writer, TorchDistWriter) else {}
+        finished = writer.finish() if hasattr(writer, "finish") else {}  # torch_dist: index and metadata last
         _write_sidecar(tmp, pl, ckpt.extra_files())
         journal.remove()
         summary.files = sum(len(u.outputs) for u in units) + len(finished)
@@ -340,9 +341,11 @@ class ExportPlan:
     def head_names(self) -> list[str]:
         return [e.hf[0] for e in self.entries if not e.kind.megatron]
 
-    def reader(self, *, meta: bool = False) -> LegacyReader | TorchDistReader:
+    def reader(self, *, meta: bool = False) -> LegacyReader | "torch_dist.TorchDistReader":
         heads = self.source.root / SIDECAR / MTP_HEADS if self.use_sidecar else None
         if self.index is not None:
+            from .torch_dist import TorchDistReader
+
             return TorchDistReader(self.source.path, self.index, self.spec, self.cfg.num_experts,
                                    saved_tp=self.layout.tp_size, meta=meta, heads=heads)
         return LegacyReader(self.source.path, self.layout, rank_keys(self.entries, self.layout), self.spec,
@@ -378,7 +381,7 @@ def plan_export(mcore_dir: str | os.PathLike, *, iteration: str | int | None = N
                 hf_config: str | os.PathLike | None = None) -> ExportPlan:
     """The mcore-to-hf plan: layout, spec and config from the checkpoint (its args, keys, stepconv metadata)."""
     src = resolve_iteration(mcore_dir, iteration)
-    if is_torch_dist(src.path):
+    if (src.path / "metadata.json").is_file():  # how Megatron itself recognises torch_dist
         return _plan_export_dist(src, hf_config)
     rank_dirs = sorted(p.name for p in src.path.iterdir() if p.name.startswith("mp_rank_"))
     if not rank_dirs:
@@ -402,6 +405,8 @@ def plan_export(mcore_dir: str | os.PathLike, *, iteration: str | int | None = N
 
 def _plan_export_dist(src: IterationDir, hf_config) -> ExportPlan:
     """A torch_dist iteration: global keys, read as the TP=1 plan whatever layout saved it."""
+    from .torch_dist import detect_spec as dist_spec, read_common, read_index
+
     common = read_common(src.path)
     args = common.get("args")
     lay = Layout.from_args(args, str(src.path / "common.pt"))
@@ -420,7 +425,7 @@ def _hf_infos(cfg: Step35Config, entries: list[Entry], meta: dict) -> list[Tenso
     kinds = {h: e.kind for e in entries for h in e.hf}
     return [TensorInfo(name, "", _recorded_dtype(None, name, src_dtypes[name]) if name in src_dtypes
                        else kinds[name].dtype or cfg.torch_dtype(), shape)
-            for name, shape in hf_shapes(cfg).items()]
+            for name, shape in hf_shapes(cfg, entries).items()]
 
 
 def _recorded_dtype(src, name: str, dtype: Any) -> torch.dtype:
@@ -593,7 +598,7 @@ def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iterati
         if wrong:
             raise StepconvError(f"audit failed, not publishing: tensors not carried over exactly once: "
                                 f"{names_text(wrong)}")
-        finished = writer.finish() if isinstance(writer, TorchDistWriter) else {}
+        finished = writer.finish() if hasattr(writer, "finish") else {}
         hf_files = root / SIDECAR / "hf_files"
         _write_sidecar(tmp, pl, sorted(hf_files.iterdir()) if hf_files.is_dir() else [])
         summary.files = sum(len(u.outputs) for u in units) + len(finished)

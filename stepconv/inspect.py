@@ -278,14 +278,15 @@ def _inspect_mcore(root: Path, *, tp, pp, ep, spec, full, iteration, hf_config, 
     rep.spec = pl.spec
     rep.dtype = str((getattr(pl.args, "stepconv", None) or {}).get("dtype", "keep"))
     rep.errors += pl.problems
-    rep.model = _model_summary(pl.cfg, hf_shapes(pl.cfg), {i.name: i.dtype for i in pl.infos})
+    rep.model = _model_summary(pl.cfg, hf_shapes(pl.cfg, pl.entries), {i.name: i.dtype for i in pl.infos})
     rep.mapping = _mapping(pl)
     rep.format = pl.format
     if pl.format == "torch_dist":
         rep.dist_files = [OutputFile(f"{pl.source.path.name}/{f.name}", f.stat().st_size, 0)
                           for f in sorted(pl.source.path.iterdir()) if f.is_file()]
+    files = pl.reader(meta=True)
     for t, s, e in (lay.ranks() if pl.format == "torch" else ()):
-        f = pl.reader().path(t, s, e)
+        f = files.path(t, s, e)
         if f.exists():
             model = load_rank_file(f)["model"]  # mmap: keys and shapes, no tensor data
             ts = [v for v in model.values() if isinstance(v, torch.Tensor)]

@@ -243,10 +243,11 @@ def rank_keys(entries: list[Entry], layout: Layout) -> dict[tuple[int, int, int]
     return out
 
 
-def hf_shapes(cfg: Step35Config) -> dict[str, tuple[int, ...]]:
-    """Every HF tensor the config implies, with its shape (what a complete checkpoint holds): the plan's HF side."""
+def hf_shapes(cfg: Step35Config, entries: list[Entry] | None = None) -> dict[str, tuple[int, ...]]:
+    """Every HF tensor the config implies, with its shape (what a complete checkpoint holds): the plan's HF side
+    (of `entries` when a plan is at hand; every layout's plan names the same HF tensors)."""
     out: dict[str, tuple[int, ...]] = {}
-    for e in plan(cfg, Layout(), "local"):
+    for e in entries if entries is not None else plan(cfg, Layout(), "local"):
         if not e.replica:
             out.update(zip(e.hf, e.hf_shapes))
     return out
