@@ -41,11 +41,10 @@ GATE_SUFFIX = "._gate"
 # What Megatron-LM's save_checkpoint passes as content_metadata (checkpointing.py:
 # _build_sharded_state_dict_metadata, cleaned for serialisation) for a model-only save without the
 # distributed optimizer; load_with_megatron passes the checkpoint's own value back, as load_checkpoint does.
-CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
-# Always hand sharded_state_dict() a fresh dict, never None: megatron adds "dp_cp_group" to it in place, and
-# 0.16.1 GPTModel.sharded_state_dict reads metadata["dp_cp_group"] on an MTP stage that is not the first
+# Always hand sharded_state_dict() a fresh copy, never None: megatron adds "dp_cp_group" to the dict in place,
+# and 0.16.1 GPTModel.sharded_state_dict reads metadata["dp_cp_group"] on an MTP stage that is not the first
 # (PP>1), so metadata=None raises TypeError there.
-CHECKPOINT_VERSION = 3.0
+CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
 
 Coords = tuple[int, int, int]  # (tp_rank, pp_rank, ep_rank)
 
@@ -164,8 +163,8 @@ def _gate_for(qkv, gate_rows, tp_rank: int):
     if (qkv.prepend_axis_num, qkv.global_offset, qkv.axis_fragmentations) != (
             0, (tp_rank * qkv.local_shape[0], 0), (tp_size, 1)):
         raise AssertionError(f"{qkv.key}: unexpected sharding {qkv}")
-    return ShardedTensor.from_rank_offsets(qkv.key[:-len(QKV_SUFFIX)] + GATE_SUFFIX, gate_rows, (0, tp_rank, tp_size),
-                                           replica_id=qkv.replica_id)
+    gate_key = qkv.key[:-len(QKV_SUFFIX)] + GATE_SUFFIX
+    return ShardedTensor.from_rank_offsets(gate_key, gate_rows, (0, tp_rank, tp_size), replica_id=qkv.replica_id)
 
 
 def _job_load(model, coords: Coords, iter_dir: str, heads: int) -> dict[str, torch.Tensor]:
@@ -211,10 +210,11 @@ def load_with_megatron(ckpt_iter_dir, hf_dir, tp: int, pp: int, ep: int) -> dict
 
 # --- (c) saving ---------------------------------------------------------------------------------------
 def _job_save(model, coords: Coords, legacy_dir: str, out_root: str, iter_dir: str, pp: int, ep: int,
-              iteration: int) -> dict[str, Any]:
+              iteration: int) -> None:
     from megatron.core import dist_checkpointing
 
-    from stepconv.megatron_io import RANK_FILE, TRACKER, iteration_dir_name, load_rank_file, rank_dir_name
+    from stepconv.megatron_io import (CHECKPOINT_VERSION, RANK_FILE, TRACKER, iteration_dir_name, load_rank_file,
+                                      rank_dir_name)
 
     legacy = Path(legacy_dir)
     tracker = (legacy / TRACKER).read_text().strip()
@@ -247,7 +247,6 @@ def _job_save(model, coords: Coords, legacy_dir: str, out_root: str, iter_dir: s
     dist_checkpointing.save(state, iter_dir, content_metadata=dict(CONTENT_METADATA))
     if torch.distributed.get_rank() == 0:
         Path(out_root, TRACKER).write_text(f"{iteration}\n")
-    return {"gates": sorted(gates)}
 
 
 def save_with_megatron(hf_dir, legacy_dir, out_root, tp: int, pp: int, ep: int, iteration: int) -> Path:
@@ -256,7 +255,8 @@ def save_with_megatron(hf_dir, legacy_dir, out_root, tp: int, pp: int, ep: int, 
     ``legacy_dir`` is ``hf_to_mcore(hf_dir, legacy_dir, tp=tp, pp=pp, ep=ep, spec="local")``'s output for the
     same layout. Every rank loads its rank file into the model (``load_state_dict(strict=True)``, the
     parameters cast to the rank file's dtypes: bf16 weights, fp32 ``expert_bias``), peeling the gate rows
-    off ``linear_qkv.weight`` (the first ``model_rows`` rows are megatron's qkv, the rest this rank's gate).
+    off ``linear_qkv.weight`` (as many leading rows as the model's ``linear_qkv.weight`` has are megatron's qkv,
+    the rest are this rank's gate rows).
 
     Gate bridge (the dev branch's head-wise-gate save layout): the model's ``...linear_qkv.weight`` is
     re-keyed ``...linear_qkv.weight._qkv``, and a ``...linear_qkv.weight._gate`` ShardedTensor is added from
