@@ -21,7 +21,7 @@ import torch
 
 from . import __version__
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
-from .engine import Journal, Progress, Unit, WorkerPlan, default_max_memory, execute, plan_workers, staging
+from .engine import Journal, Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, plan_workers, staging
 from .hf_io import HFCheckpoint, HFReader, HFWriter, TensorInfo, copy_files, hf_tensor_problems, parse_size
 from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
@@ -510,7 +510,7 @@ def export_notes(pl: ExportPlan) -> list[str]:
 
 
 # --- Megatron -> Megatron --------------------------------------------------------------------------------
-class MegatronSource:
+class MegatronSource(ReaderBase):
     """engine.Reader: a destination entry's HF tensors, merged from a Megatron checkpoint of any format and
     layout (the source plan's reader and `step`), so Megatron converts to Megatron without HF files between.
     Source and destination plans come from the same table, so an HF tensor (or one expert of it) is produced
@@ -529,15 +529,6 @@ class MegatronSource:
                 self.by_name[(n, e.expert)] = e
         self._lock = threading.Lock()
         self._last: tuple[Entry | None, dict] = (None, {})
-
-    def open(self, unit: Unit) -> None:
-        pass
-
-    def close(self, unit: Unit) -> None:
-        pass
-
-    def nbytes(self, entry: Entry) -> int:
-        return 0
 
     def read(self, entry: Entry) -> list[torch.Tensor]:
         out = []

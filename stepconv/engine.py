@@ -99,6 +99,21 @@ class Reader(Protocol):
         """After the unit's last read."""
 
 
+class ReaderBase:
+    """Defaults for readers with nothing to do per unit and nothing worth reading ahead."""
+
+    prefetch = False
+
+    def open(self, unit: Unit) -> None:
+        pass
+
+    def close(self, unit: Unit) -> None:
+        pass
+
+    def nbytes(self, entry: Entry) -> int:
+        return 0
+
+
 class Writer(Protocol):
     def begin(self) -> None:
         """Once, before any unit."""

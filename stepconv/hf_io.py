@@ -347,11 +347,10 @@ class HFReader:
         self.ckpt, self.dtypes, self.meta = ckpt, dtypes, meta or ckpt is None
         self.prefetch = not self.meta  # engine: read the next batch on a second thread
 
-    def open(self, unit) -> None:
+    def open(self, unit) -> None:  # (engine.Reader protocol: nothing to do per unit)
         pass
 
-    def close(self, unit) -> None:
-        pass
+    close = open
 
     def nbytes(self, entry) -> int:
         n = 0

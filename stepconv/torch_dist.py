@@ -32,7 +32,7 @@ from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from .config import StepconvError, names_text
-from .engine import FileStat, Unit, UnitResult
+from .engine import FileStat, ReaderBase, Unit, UnitResult
 from .hf_io import SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .kinds import EXTRA, QKVG_, SplitContext
 from .mapping import Entry, Layout
@@ -380,7 +380,7 @@ def read_common(itdir: Path) -> dict:
     return load_rank_file(itdir / COMMON, need_model=False)
 
 
-class TorchDistReader:
+class TorchDistReader(ReaderBase):
     """engine.Reader over a torch_dist iteration: `read(entry)` assembles the entry's TP=1 tensor from whatever
     chunks cover it, reading only those chunks (one expert, a row block of the vocab, one saving rank's rows).
     `meta=True` checks every needed key and shape and returns meta tensors. `saved_tp`: the TP size the
@@ -407,15 +407,6 @@ class TorchDistReader:
         if self.heads is not None:
             units.append(Unit("mtp-heads", [e for e in entries if not e.kind.megatron], ordered=False))
         return units
-
-    def open(self, unit: Unit) -> None:
-        pass
-
-    def close(self, unit: Unit) -> None:
-        pass
-
-    def nbytes(self, entry: Entry) -> int:
-        return 0
 
     def _meta(self, key: str, want: tuple[int, ...], vocab_rows: bool) -> dcp_md.TensorStorageMetadata:
         md = self.index.state_dict_metadata.get(key)

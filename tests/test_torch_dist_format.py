@@ -158,3 +158,45 @@ def test_verify_runs_on_torch_dist_at_the_recorded_and_another_layout(tmp_path, 
     for layout in (None, Layout(1, 2, 1)):
         r = verify(fixture_dir, m, dtype="fp32", layout=layout)
         assert r.passed and r.logits.max_abs <= 1e-4, r.failures
+
+
+def test_reads_a_gate_fused_per_rank_into_linear_qkv(tmp_path, fixture_dir, fixture_tensors):
+    """stepconv's model on released megatron-core (no `._qkv`/`._gate` split) saves each rank's fused
+    [qkv_r; gate_r] under one `linear_qkv.weight` key: the export undoes it with the TP recorded in the args."""
+    import torch.distributed.checkpoint as dcp
+
+    from stepconv.config import AttnShape
+    from stepconv.kinds import QKVG_, SplitContext
+    from stepconv.torch_dist import TorchDistReader
+
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=2, spec="local", format="torch_dist")
+    it = m / "release"
+    index = read_index(it)
+    reader = TorchDistReader(it, index, "local", 16)
+    full = {}
+    for key, md in index.state_dict_metadata.items():
+        if hasattr(md, "size"):
+            full[key] = reader.region(key, (0,) * len(md.size), tuple(md.size))
+    for qkv_key in [k for k in full if k.endswith("._qkv")]:
+        base = qkv_key.removesuffix("._qkv")
+        layer = int(base.split(".")[2]) if base.startswith("decoder") else 4
+        shape = AttnShape(8, 4, 16) if layer % 4 == 0 else AttnShape(12, 4, 16)
+        qkv, gate = full.pop(qkv_key), full.pop(base + "._gate")
+        g = shape.heads * shape.head_dim
+        per_group = qkv.view(shape.groups, -1, 64)  # per group [q..., k, v]
+        q = per_group[:, :g // shape.groups].reshape(-1, 64)
+        k = per_group[:, g // shape.groups:g // shape.groups + 16].reshape(-1, 64)
+        v = per_group[:, g // shape.groups + 16:].reshape(-1, 64)
+        full[base] = torch.cat([QKVG_.split([q, k, v, gate], SplitContext(2, shape), r) for r in range(2)])
+    out = tmp_path / "fused"
+    (out / "release").mkdir(parents=True)
+    dcp.save(full, storage_writer=dcp.FileSystemWriter(str(out / "release")), no_dist=True)
+    for name in ("common.pt", "metadata.json"):
+        shutil.copy(it / name, out / "release" / name)
+    shutil.copy(m / "latest_checkpointed_iteration.txt", out / "latest_checkpointed_iteration.txt")
+    assert not any(k.endswith("._gate") for k in read_index(out / "release").state_dict_metadata)
+    mcore_to_hf(out, tmp_path / "h", hf_config=fixture_dir / "config.json")
+    back = load_hf(tmp_path / "h")
+    assert [n for n in fixture_tensors if "shared_head.output" not in n
+            and not bit_equal(back[n], fixture_tensors[n])] == []
