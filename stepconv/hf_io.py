@@ -33,10 +33,10 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = 1
+        n = self.dtype.itemsize
         for d in self.shape:
             n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+        return n
 
 
 def read_safetensors_header(path: Path) -> dict:

@@ -17,6 +17,7 @@ metadata classes. Chunks are read with `torch.load(weights_only=True)`; `_extra_
 from __future__ import annotations
 
 import argparse
+import bisect
 import io
 import json
 import os
@@ -390,13 +391,19 @@ class TorchDistReader(ReaderBase):
                  meta: bool = False, heads: Path | None = None):
         self.itdir, self.index, self.spec, self.num_experts = itdir, index, spec, num_experts
         self.saved_tp, self.meta, self.heads = saved_tp, meta, heads
+        # per key, chunks sorted by their offset along axis 0, so a box finds its chunks by bisection (an expert
+        # among 288: scanning every chunk for every expert made the export quadratic in the expert count)
         self.chunks: dict[str, list[tuple[tuple, tuple, _StorageInfo]]] = {}
+        sizes = {(k, tuple(c.offsets)): tuple(c.sizes) for k, md in index.state_dict_metadata.items()
+                 if isinstance(md, dcp_md.TensorStorageMetadata) for c in md.chunks}
         for idx, info in index.storage_data.items():
-            md = index.state_dict_metadata.get(idx.fqn)
-            if isinstance(md, dcp_md.TensorStorageMetadata) and idx.offset is not None:
-                size = next((tuple(c.sizes) for c in md.chunks if tuple(c.offsets) == tuple(idx.offset)), None)
-                if size is not None:
-                    self.chunks.setdefault(idx.fqn, []).append((tuple(idx.offset), size, info))
+            size = sizes.get((idx.fqn, tuple(idx.offset))) if idx.offset is not None else None
+            if size is not None:
+                self.chunks.setdefault(idx.fqn, []).append((tuple(idx.offset), size, info))
+        self._starts: dict[str, tuple[list[int], int]] = {}
+        for key, cs in self.chunks.items():
+            cs.sort(key=lambda c: c[0])
+            self._starts[key] = ([c[0][0] if c[0] else 0 for c in cs], max((c[1][0] if c[1] else 1) for c in cs))
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
         self.bytes_read = 0
@@ -462,7 +469,11 @@ class TorchDistReader(ReaderBase):
         md = self.index.state_dict_metadata[key]
         out = torch.empty(sizes, dtype=md.properties.dtype)
         covered = 0
-        for c_off, c_size, info in self.chunks.get(key, []):
+        chunks = self.chunks.get(key, [])
+        starts, longest = self._starts.get(key, ([], 1))
+        first = bisect.bisect_left(starts, (offsets[0] if offsets else 0) - longest + 1)
+        end = (offsets[0] + sizes[0]) if offsets else 1
+        for c_off, c_size, info in chunks[first:bisect.bisect_left(starts, end)]:
             lo = [max(a, b) for a, b in zip(offsets, c_off)]
             hi = [min(a + n, b + m) for a, n, b, m in zip(offsets, sizes, c_off, c_size)]
             if any(h <= l for l, h in zip(lo, hi)):
