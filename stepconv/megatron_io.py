@@ -169,6 +169,14 @@ def _megatron_safe_globals() -> list:
     return list(getattr(sg, "SAFE_GLOBALS", []))
 
 
+def _allowed(extra: list):
+    """torch's `safe_globals` for what is not allowed already: on exit torch removes every global the context
+    named, so naming one that megatron-core registered at import (Namespace, ...) would unregister it for the
+    whole process, and Megatron's own loads of common.pt would then fail (seen in the test suite)."""
+    have = set(map(id, torch.serialization.get_safe_globals()))
+    return torch.serialization.safe_globals([g for g in extra if id(g) not in have])
+
+
 def load_rank_file(path: Path, need_model: bool = True) -> dict:
     """torch.load(weights_only=True, mmap=True) under megatron-core's safe globals; nothing else is unpickled.
     (Also reads a torch_dist `common.pt`, `need_model=False`: its args hold megatron enums.)"""
@@ -176,7 +184,7 @@ def load_rank_file(path: Path, need_model: bool = True) -> dict:
         raise StepconvError(f"{path}: missing " + ("rank file" if need_model else "file"))
     for allow in (_SAFE, None):
         try:
-            with torch.serialization.safe_globals(allow if allow is not None else _SAFE + _megatron_safe_globals()):
+            with _allowed(allow if allow is not None else _SAFE + _megatron_safe_globals()):
                 obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             break
         except pickle.UnpicklingError as e:

@@ -325,7 +325,8 @@ _DCP_CLASSES = {("torch.distributed.checkpoint.metadata", n) for n in (
     "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
     "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
-    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict")} | {
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath")} | {  # StorageMeta.checkpoint_id of torch's own writer
     ("torch.distributed.checkpoint.planner", n) for n in (
         "SavePlan", "WriteItem", "WriteItemType", "TensorWriteData", "BytesIOWriteData")}
 _DTYPES = {str(getattr(torch, n)).removeprefix("torch.") for n in dir(torch) if isinstance(getattr(torch, n), torch.dtype)}
