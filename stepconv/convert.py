@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +27,9 @@ from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_sha
 from .memory import fixed_mmap_threshold
 from .megatron_io import (MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter, load_rank_file,
                           rank_dir_name, rank_dir_problems, resolve_iteration, write_tracker)
+
+if TYPE_CHECKING:
+    from .torch_dist import TorchDistReader, TorchDistWriter
 
 WINDOW_CONVENTIONS = ("hf", "megatron")
 FORMATS = ("torch", "torch_dist")
@@ -148,7 +151,7 @@ class ImportPlan:
         return [TensorInfo(h, MTP_HEADS, self.source_dtypes[h], s) for e in self.entries if not e.kind.megatron
                 for h, s in zip(e.hf, e.hf_shapes)]
 
-    def writer(self, root: Path, *, dry: bool = False) -> LegacyWriter | "torch_dist.TorchDistWriter":
+    def writer(self, root: Path, *, dry: bool = False) -> LegacyWriter | TorchDistWriter:
         if self.options.format == "torch_dist":
             from .torch_dist import TorchDistWriter  # (torch.distributed.checkpoint: +47 MB, only when used)
 
@@ -341,7 +344,7 @@ class ExportPlan:
     def head_names(self) -> list[str]:
         return [e.hf[0] for e in self.entries if not e.kind.megatron]
 
-    def reader(self, *, meta: bool = False) -> LegacyReader | "torch_dist.TorchDistReader":
+    def reader(self, *, meta: bool = False) -> LegacyReader | TorchDistReader:
         heads = self.source.root / SIDECAR / MTP_HEADS if self.use_sidecar else None
         if self.index is not None:
             from .torch_dist import TorchDistReader

@@ -30,7 +30,7 @@ from .convert import (DTYPE_CHOICES, ExportPlan, ImportOptions, ImportPlan, conf
                       import_notes, plan_export, plan_import)
 from .engine import WorkerPlan, execute
 from .hf_io import INDEX_NAME, WEIGHT_SUFFIXES, HFCheckpoint, HFReader, HFWriter, hf_tensor_problems, parse_size
-from .mapping import Entry, Layout, hf_shapes
+from .mapping import Entry, hf_shapes
 from .megatron_io import MTP_HEADS, RANK_FILE, SIDECAR, TRACKER, load_rank_file
 
 

@@ -36,7 +36,7 @@ from .config import StepconvError, names_text
 from .engine import FileStat, ReaderBase, Unit, UnitResult
 from .hf_io import SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .kinds import EXTRA, QKVG_, SplitContext
-from .mapping import Entry, Layout
+from .mapping import Entry
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -52,10 +52,6 @@ _LOCAL_KEYS_MAP = (("input_layernorm.", "self_attention.linear_qkv.layer_norm_")
 _EXPERT = re.compile(r"mlp\.experts\.(?:local_experts\.\d+\.(linear_fc[12])\.(weight|_extra_state)"
                      r"|(linear_fc[12])\.(weight)\d+|(linear_fc[12])\.(_extra_state))$")
 _DROPPED = ("self_attention.core_attention._extra_state", "output_layer._extra_state")  # not in sharded_state_dict
-
-
-def is_torch_dist(itdir: Path) -> bool:
-    return (itdir / METADATA_JSON).is_file()
 
 
 def dist_key(entry: Entry, spec: str, num_experts: int) -> str | None:

@@ -14,7 +14,6 @@ from conftest import bit_equal, load_hf
 from stepconv.config import StepconvError
 from stepconv.convert import hf_to_mcore, mcore_to_hf, reshard
 from stepconv.inspect import inspect_path
-from stepconv.megatron_io import load_rank_file
 from stepconv.torch_dist import read_index
 
 

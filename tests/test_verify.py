@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from stepconv.convert import hf_to_mcore
-from stepconv.megatron_io import load_rank_file, rank_dir_name
+from stepconv.megatron_io import load_rank_file
 from stepconv.verify import compare_logits, verify
 
 
