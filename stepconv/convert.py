@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import threading
 import time
@@ -181,7 +182,7 @@ class ImportPlan:
             if shape is None or not e.kind.megatron:
                 return reader.nbytes(e)
             dt = e.kind.out_dtype([self.source_dtypes[h] for h in e.hf], self.target)
-            return max(reader.nbytes(e), self.write_layout.tp_size * _numel(shape) * dt.itemsize)
+            return max(reader.nbytes(e), self.write_layout.tp_size * math.prod(shape) * dt.itemsize)
 
         return plan_workers(units, entry_bytes, factor=3, read_ahead=True, jobs=self.options.jobs,
                             budget=self.options.max_memory)
@@ -260,18 +261,9 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                                unit_done=journal.complete)
         consumed.update(got)
         # every element of every source tensor consumed exactly once, judged against the files, not the plan
-        wrong = sorted(f"{n} ({consumed[n]}/{i.nbytes // i.dtype.itemsize} elements)" for n, i in ckpt.tensors.items()
-                       if consumed[n] != i.nbytes // i.dtype.itemsize)
-        if wrong or set(consumed) - set(ckpt.tensors):
-            raise StepconvError(f"audit failed, not publishing: source tensors not consumed exactly once: "
-                                f"{names_text(wrong)}")
-        finished = writer.finish() if hasattr(writer, "finish") else {}  # torch_dist: index and metadata last
-        _write_sidecar(tmp, pl, ckpt.extra_files())
+        _publish(tmp, pl, writer, units, results, consumed, {n: math.prod(i.shape) for n, i in ckpt.tensors.items()},
+                 ckpt.extra_files(), summary)
         journal.remove()
-        summary.files = sum(len(u.outputs) for u in units) + len(finished)
-        summary.tensors = (sum(f.tensors for r in results for name, f in r.files.items() if name.endswith(RANK_FILE))
-                           if not finished else len(writer.tensors))
-        summary.bytes_written = sum(r.bytes_written for r in results) + sum(f.bytes for f in finished.values())
     summary.bytes_read = ckpt.bytes_read
     summary.seconds = time.time() - t0
     summary.notes += import_notes(pl)
@@ -304,6 +296,22 @@ def import_notes(pl: ImportPlan) -> list[str]:
     if padded != cfg.vocab:
         notes.append(f"vocab {cfg.vocab} padded to {padded} (make_vocab_size_divisible_by 128 x TP {pl.layout.tp_size})")
     return notes
+
+
+def _publish(root: Path, pl: ImportPlan, writer, units: list[Unit], results: list, consumed: Counter,
+             elements: dict[str, int], extra_files: list[Path], summary: Summary) -> None:
+    """After `execute`: the audit (each source element consumed exactly once), the writer's last files
+    (torch_dist: index and metadata.json), the tracker and stepconv's sidecar; the summary's counts."""
+    wrong = sorted(f"{n} ({consumed[n]}/{k} elements)" for n, k in elements.items() if consumed[n] != k)
+    if wrong or set(consumed) - set(elements):
+        raise StepconvError(f"audit failed, not publishing: source tensors not consumed exactly once: "
+                            f"{names_text(wrong)}")
+    finished = writer.finish() if hasattr(writer, "finish") else {}  # torch_dist: index and metadata last
+    _write_sidecar(root, pl, extra_files)
+    summary.files = sum(len(u.outputs) for u in units) + len(finished)
+    summary.tensors = (sum(f.tensors for r in results for name, f in r.files.items() if name.endswith(RANK_FILE))
+                       if not finished else len(writer.tensors))
+    summary.bytes_written = sum(r.bytes_written for r in results) + sum(f.bytes for f in finished.values())
 
 
 def _write_sidecar(root: Path, pl: ImportPlan, extra_files: list[Path]) -> None:
@@ -367,17 +375,10 @@ class ExportPlan:
         itemsize = {i.name: i.dtype.itemsize for i in self.infos}
 
         def entry_bytes(e: Entry) -> int:
-            shards = e.ctx.tp_size * _numel(e.rank_shape() or ())
-            return max(shards, sum(_numel(s) for s in e.source_shapes)) * itemsize[e.hf[0]]
+            shards = e.ctx.tp_size * math.prod(e.rank_shape() or ())
+            return max(shards, sum(math.prod(s) for s in e.source_shapes)) * itemsize[e.hf[0]]
 
         return plan_workers(units, entry_bytes, factor=2, read_ahead=False, jobs=jobs, budget=None)
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def plan_export(mcore_dir: str | os.PathLike, *, iteration: str | int | None = None,
@@ -587,24 +588,15 @@ def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iterati
         workers = pl.workers(units, HFReader(dtypes, meta=True))
         consumed, results = execute(units, source, writer, pl.step, workers=workers.workers, progress=progress)
         source.finish()
-        wrong = sorted(f"{i.name} ({consumed[i.name]}/{_numel(i.shape)} elements)" for i in src.infos
-                       if consumed[i.name] != _numel(i.shape))
-        if wrong:
-            raise StepconvError(f"audit failed, not publishing: tensors not carried over exactly once: "
-                                f"{names_text(wrong)}")
-        finished = writer.finish() if hasattr(writer, "finish") else {}
         hf_files = root / SIDECAR / "hf_files"
-        _write_sidecar(tmp, pl, sorted(hf_files.iterdir()) if hf_files.is_dir() else [])
-        summary.files = sum(len(u.outputs) for u in units) + len(finished)
-        summary.bytes_written = sum(r.bytes_written for r in results) + sum(f.bytes for f in finished.values())
-        summary.tensors = len(src.infos)
+        _publish(tmp, pl, writer, units, results, consumed, {i.name: math.prod(i.shape) for i in src.infos},
+                 sorted(hf_files.iterdir()) if hf_files.is_dir() else [], summary)
     summary.bytes_read = getattr(source.reader, "bytes_read", 0)
     summary.seconds = time.time() - t0
     return summary
 
 
-def rank_state_dict(src: ExportPlan, layout: Layout, spec: str, tp_rank: int, pp_rank: int, ep_rank: int,
-                    dtype: torch.dtype | None = None) -> dict:
+def rank_state_dict(src: ExportPlan, layout: Layout, spec: str, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
     """One rank's legacy state dict for `layout`, from a checkpoint of any format: what `verify` loads into the
     Megatron model when the checkpoint is torch_dist (or saved at another layout)."""
     source = MegatronSource(src)
@@ -614,7 +606,6 @@ def rank_state_dict(src: ExportPlan, layout: Layout, spec: str, tp_rank: int, pp
     for e in pl.entries:
         if e.stage != pp_rank or not e.on(ep_rank) or not e.kind.megatron:
             continue
-        t = pl.step(e, source.read(e) if e.kind.sources else [])[tp_rank]
-        out[e.key] = t if t is None or dtype is None or e.kind.dtype is not None else t.to(dtype)
+        out[e.key] = pl.step(e, source.read(e) if e.kind.sources else [])[tp_rank]
     source.finish()
     return out

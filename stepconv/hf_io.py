@@ -8,6 +8,7 @@ pwrite, so a 3 GB expert stack can be written one expert at a time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 import threading
@@ -33,10 +34,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        n = self.dtype.itemsize
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 def read_safetensors_header(path: Path) -> dict:
@@ -353,13 +351,7 @@ class HFReader:
     close = open
 
     def nbytes(self, entry) -> int:
-        n = 0
-        for h, s in zip(entry.hf, entry.source_shapes):
-            k = self.dtypes[h].itemsize
-            for d in s:
-                k *= d
-            n += k
-        return n
+        return sum(math.prod(s) * self.dtypes[h].itemsize for h, s in zip(entry.hf, entry.source_shapes))
 
     def read(self, entry) -> list[torch.Tensor]:
         if self.meta:

@@ -15,6 +15,7 @@ its thread pool with. Errors are collected (every invalid option, every tensor p
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tempfile
@@ -422,23 +423,16 @@ def _tensor_lines(pl: ImportPlan | ExportPlan) -> list[TensorLine]:
             continue
         shape = e.rank_shape() if e.kind.megatron else None
         dt = _dtype(e, pl)
-        nbytes = _numel(shape if shape is not None else e.hf_shapes[0]) * dt.itemsize
+        nbytes = math.prod(shape if shape is not None else e.hf_shapes[0]) * dt.itemsize
         out.append(TensorLine(list(e.hf), [list(s) for s in e.hf_shapes], e.key or f"{SIDECAR}/{MTP_HEADS}", e.stage,
                               e.ep_rank, list(shape) if shape else None, DTYPE_NAMES[dt], nbytes, e.expert))
     return out
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
-
-
 def _model_summary(cfg: Step35Config, want: dict, dtypes: dict) -> dict:
-    params = sum(_numel(s) for s in want.values())
-    nbytes = sum(_numel(s) * dtypes[n].itemsize for n, s in want.items())
-    experts = sum(_numel(s) for n, s in want.items() if ".moe." in n and n.endswith("_proj.weight"))
+    params = sum(math.prod(s) for s in want.values())
+    nbytes = sum(math.prod(s) * dtypes[n].itemsize for n, s in want.items())
+    experts = sum(math.prod(s) for n, s in want.items() if ".moe." in n and n.endswith("_proj.weight"))
     return {"layers": cfg.num_layers, "mtp_layers": cfg.num_mtp, "hidden": cfg.hidden, "vocab": cfg.vocab,
             "experts": cfg.num_experts, "top_k": cfg.top_k if cfg.num_experts else 0,
             "moe_layers": len([i for i in range(cfg.num_layers) if cfg.is_moe(i)]), "hf_tensors": len(want),

@@ -300,6 +300,41 @@ def rank_file(layout: Layout, tp_rank: int, pp_rank: int, ep_rank: int, iteratio
             f"/{RANK_FILE}")
 
 
+HEADS_UNIT = "mtp-heads"
+
+
+def heads_units(entries: list[Entry], *, ordered: bool = True) -> list[Unit]:
+    """The unit of stepconv's MTP-head sidecar (`stepconv/mtp_heads.safetensors`), when the plan has heads: each MTP
+    layer's own shared_head.output, which no Megatron format has a slot for (MTP shares output_layer)."""
+    side = [e for e in entries if not e.kind.megatron]
+    return [Unit(HEADS_UNIT, side, [f"{SIDECAR}/{MTP_HEADS}"], ordered=ordered)] if side else []
+
+
+def open_heads(root: Path, infos: list[TensorInfo], dry: bool) -> SafetensorsWriter:
+    final = root / SIDECAR / MTP_HEADS
+    if not dry:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    return SafetensorsWriter(final.with_name(final.name + ".tmp"), infos, dry=dry)
+
+
+def close_heads(root: Path, w: SafetensorsWriter) -> UnitResult:
+    """Check the sidecar is whole, rename it into place; what it holds."""
+    incomplete = w.close()
+    if incomplete:
+        raise StepconvError(f"internal audit: MTP heads not fully written: {names_text(incomplete)}")
+    if not w.dry:
+        os.replace(w.path, root / SIDECAR / MTP_HEADS)
+    n = len(w.infos)
+    return UnitResult({f"{SIDECAR}/{MTP_HEADS}": FileStat(w.bytes_written, w.bytes_written - w.data_start, n, n)})
+
+
+def read_head(path: Path | None, entry: Entry, meta: bool) -> torch.Tensor:
+    """One MTP head from the sidecar (a meta tensor of its shape for a dry run)."""
+    if meta:
+        return torch.empty(entry.hf_shapes[0], dtype=torch.bfloat16, device="meta")
+    return read_safetensors_tensor(path, entry.hf[0])
+
+
 class LegacyWriter:
     """engine.Writer for Megatron's legacy format: one zip per TP rank of each (PP stage, EP rank) unit, written
     record by record in plan order; the MTP heads, which have no Megatron slot, go to `stepconv/mtp_heads`.
@@ -316,10 +351,7 @@ class LegacyWriter:
 
     def units(self, entries: list[Entry]) -> list[Unit]:
         lay = self.layout
-        units = []
-        side = [e for e in entries if not e.kind.megatron]
-        if side:
-            units.append(Unit("mtp-heads", side, [f"{SIDECAR}/{MTP_HEADS}"], lay.pp_size - 1, None))
+        units = heads_units(entries)
         for stage in range(lay.pp_size):
             for p in range(lay.ep_size):
                 es = [e for e in entries if e.stage == stage and e.kind.megatron and e.on(p)]
@@ -331,16 +363,14 @@ class LegacyWriter:
         pass
 
     def start(self, unit: Unit) -> None:
-        if unit.ep_rank is None:
-            final = self.root / unit.outputs[0]
-            final.parent.mkdir(parents=True, exist_ok=True)
-            self._open[unit.name] = [SafetensorsWriter(final.with_name(final.name + ".tmp"), self.heads)]
+        if unit.name == HEADS_UNIT:
+            self._open[unit.name] = [open_heads(self.root, self.heads, self.dry)]
         else:
             self._open[unit.name] = [RankFileWriter(self.root / o) for o in unit.outputs]
 
     def put(self, unit: Unit, entry: Entry, tensors) -> None:
         writers = self._open[unit.name]
-        if unit.ep_rank is None:
+        if unit.name == HEADS_UNIT:
             writers[0].write(entry.hf[0], 0, tensors[0])
             return
         for w, t in zip(writers, tensors):
@@ -348,19 +378,9 @@ class LegacyWriter:
 
     def end(self, unit: Unit) -> UnitResult:
         writers = self._open.pop(unit.name)
+        if unit.name == HEADS_UNIT:
+            return close_heads(self.root, writers[0])
         res = UnitResult()
-        if unit.ep_rank is None:
-            heads = writers[0]
-            incomplete = heads.close()
-            if incomplete:
-                raise StepconvError(f"internal audit: MTP heads not fully written: {names_text(incomplete)}")
-            n = len(heads.infos)
-            res.files[unit.outputs[0]] = FileStat(heads.bytes_written, heads.bytes_written - heads.data_start, n, n)
-            if self.dry:
-                heads.path.unlink()
-            else:
-                os.replace(heads.path, self.root / unit.outputs[0])
-            return res
         want = [e.key for e in unit.entries]
         for out, w in zip(unit.outputs, writers):
             if list(w.model) != want:
@@ -403,9 +423,7 @@ class LegacyReader:
         units = [Unit(f"stage {s}", [e for e in entries if e.stage == s and e.kind.megatron and e.kind.sources
                                      and not e.replica], stage=s, ordered=False)
                  for s in range(self.layout.pp_size)]
-        if self.heads is not None:
-            units.append(Unit("mtp-heads", [e for e in entries if not e.kind.megatron], ordered=False))
-        return units
+        return units + (heads_units(entries, ordered=False) if self.heads is not None else [])
 
     def open(self, unit: Unit) -> None:
         if unit.stage is not None:
@@ -443,9 +461,7 @@ class LegacyReader:
 
     def read(self, entry: Entry) -> list[torch.Tensor]:
         if not entry.kind.megatron:
-            if self.meta:
-                return [torch.empty(entry.hf_shapes[0], dtype=torch.bfloat16, device="meta")]
-            t = read_safetensors_tensor(self.heads, entry.hf[0])
+            t = read_head(self.heads, entry, self.meta)
             with self._lock:
                 self.bytes_read += t.numel() * t.element_size()
             return [t]

@@ -20,6 +20,7 @@ import argparse
 import bisect
 import io
 import json
+import math
 import os
 import pickle
 import re
@@ -34,9 +35,10 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from .config import StepconvError, names_text
 from .engine import FileStat, ReaderBase, Unit, UnitResult
-from .hf_io import SafetensorsWriter, TensorInfo, read_safetensors_tensor
+from .hf_io import TensorInfo
 from .kinds import EXTRA, QKVG_, SplitContext
 from .mapping import Entry
+from .megatron_io import HEADS_UNIT, close_heads, heads_units, load_rank_file, open_heads, read_head
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -74,19 +76,15 @@ def dist_key(entry: Entry, spec: str, num_experts: int) -> str | None:
     return f"{key}/shard_0_1" if entry.kind is EXTRA else key
 
 
-def _extra_entries(entries: list[Entry], spec: str, num_experts: int) -> list[tuple[Entry, str]]:
-    """(entry, object key) for every `_extra_state` the spec requests; TE's grouped experts hold one per expert."""
+def _object_keys(entries: list[Entry], spec: str, num_experts: int) -> list[str]:
+    """The ShardedObject key of every `_extra_state` the spec requests; TE's grouped experts hold one per expert."""
     out = []
     for e in entries:
-        if e.kind is not EXTRA:
-            continue
-        k = dist_key(e, spec, num_experts)
-        if k is None:
-            continue
-        if "/shard_" not in k:  # a grouped-experts module: megatron shards its state per expert
-            out += [(e, f"{k}/shard_{x}_{num_experts}") for x in range(num_experts)]
-        else:
-            out.append((e, k))
+        k = dist_key(e, spec, num_experts) if e.kind is EXTRA else None
+        if k is not None and "/shard_" not in k:  # a grouped-experts module: megatron shards its state per expert
+            out += [f"{k}/shard_{x}_{num_experts}" for x in range(num_experts)]
+        elif k is not None:
+            out.append(k)
     return out
 
 
@@ -132,7 +130,7 @@ class TorchDistWriter:
         self._open: dict[str, Any] = {}
         self._lock = threading.Lock()
         self.tensors: dict[str, dcp_md.TensorStorageMetadata] = {}
-        self.objects: list[str] = [k for _, k in _extra_entries(entries, spec, num_experts)]
+        self.objects: list[str] = _object_keys(entries, spec, num_experts)
         self.storage: dict[dcp_md.MetadataIndex, _StorageInfo] = {}
 
     def units(self, entries: list[Entry]) -> list[Unit]:
@@ -142,26 +140,20 @@ class TorchDistWriter:
             if e.kind.megatron and not e.replica and e.kind is not EXTRA:
                 groups.setdefault(e.layer if e.layer is not None else -1, []).append(e)
         units = [Unit(f"chunks {n}", es, [f"release/__{n}_0.distcp"]) for n, es in enumerate(groups.values())]
-        side = [e for e in entries if not e.kind.megatron]
-        if side:
-            units.append(Unit("mtp-heads", side, ["stepconv/mtp_heads.safetensors"]))
-        return units
+        return units + heads_units(entries)
 
     def begin(self) -> None:
         if not self.dry:
             self.itdir.mkdir(parents=True, exist_ok=True)
 
     def start(self, unit: Unit) -> None:
-        final = self.root / unit.outputs[0]
-        if unit.name == "mtp-heads":
-            if not self.dry:
-                final.parent.mkdir(parents=True, exist_ok=True)
-            self._open[unit.name] = SafetensorsWriter(final.with_name(final.name + ".tmp"), self.heads, dry=self.dry)
+        if unit.name == HEADS_UNIT:
+            self._open[unit.name] = open_heads(self.root, self.heads, self.dry)
         else:
-            self._open[unit.name] = _Sink(None if self.dry else final)
+            self._open[unit.name] = _Sink(None if self.dry else self.root / unit.outputs[0])
 
     def put(self, unit: Unit, entry: Entry, tensors) -> None:
-        if unit.name == "mtp-heads":
+        if unit.name == HEADS_UNIT:
             self._open[unit.name].write(entry.hf[0], 0, tensors[0])
             return
         sink: _Sink = self._open[unit.name]
@@ -169,10 +161,9 @@ class TorchDistWriter:
         axis = 1 if entry.expert is not None else 0  # the row axis of the global tensor
         for p in pieces(entry, self.spec, self.num_experts):
             part = t[p.rows]
-            row_bytes = part[0].numel() * part.element_size() if part.dim() > 1 else part.numel() * part.element_size()
-            step = max(1, CHUNK_BYTES // max(1, row_bytes)) if part.dim() > 1 else max(1, len(part))
-            for lo in range(0, max(len(part), 1), step):
-                chunk = part[lo:lo + step] if part.dim() > 1 else part
+            step = max(1, CHUNK_BYTES // (part[0].numel() * part.element_size()))  # rows per chunk
+            for lo in range(0, len(part), step):
+                chunk = part[lo:lo + step]
                 if entry.expert is not None:
                     chunk = chunk.unsqueeze(0)
                 offsets = list(p.offsets)
@@ -194,27 +185,18 @@ class TorchDistWriter:
 
     def end(self, unit: Unit) -> UnitResult:
         f = self._open.pop(unit.name)
-        res = UnitResult()
-        if unit.name == "mtp-heads":
-            incomplete = f.close()
-            if incomplete:
-                raise StepconvError(f"internal audit: MTP heads not fully written: {names_text(incomplete)}")
-            n = len(f.infos)
-            res.files[unit.outputs[0]] = FileStat(f.bytes_written, f.bytes_written - f.data_start, n, n)
-            if not self.dry:
-                os.replace(f.path, self.root / unit.outputs[0])
-            return res
-        res.files[unit.outputs[0]] = f.close()
-        return res
+        if unit.name == HEADS_UNIT:
+            return close_heads(self.root, f)
+        return UnitResult({unit.outputs[0]: f.close()})
 
     def finish(self) -> dict[str, FileStat]:
         """Audit (every global tensor covered exactly once), then write the objects' blob, `common.pt`, the DCP
         index and, last, `metadata.json`. Returns what those files hold."""
         problems = []
         for key, md in self.tensors.items():
-            covered = sum(_numel(c.sizes) for c in md.chunks)
-            if covered != _numel(md.size) or len({tuple(c.offsets) for c in md.chunks}) != len(md.chunks):
-                problems.append(f"{key} ({covered}/{_numel(md.size)} elements)")
+            covered = sum(math.prod(c.sizes) for c in md.chunks)
+            if covered != math.prod(md.size) or len({tuple(c.offsets) for c in md.chunks}) != len(md.chunks):
+                problems.append(f"{key} ({covered}/{math.prod(md.size)} elements)")
         if problems:
             raise StepconvError(f"audit failed, not publishing: global tensors not covered exactly once: "
                                 f"{names_text(sorted(problems))}")
@@ -244,13 +226,6 @@ class TorchDistWriter:
 
 
 OBJECTS = "__objects_0.distcp"
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 class _Counter(io.RawIOBase):
@@ -373,8 +348,6 @@ def read_index(itdir: Path) -> dcp_md.Metadata:
 
 def read_common(itdir: Path) -> dict:
     """`common.pt` (args, iteration, ...) under megatron-core's safe globals, never with plain pickle."""
-    from .megatron_io import load_rank_file
-
     return load_rank_file(itdir / COMMON, need_model=False)
 
 
@@ -408,9 +381,7 @@ class TorchDistReader(ReaderBase):
     def units(self, entries: list[Entry]) -> list[Unit]:
         units = [Unit("tensors", [e for e in entries if e.kind.megatron and e.kind.sources and not e.replica],
                       ordered=False)]
-        if self.heads is not None:
-            units.append(Unit("mtp-heads", [e for e in entries if not e.kind.megatron], ordered=False))
-        return units
+        return units + (heads_units(entries, ordered=False) if self.heads is not None else [])
 
     def _meta(self, key: str, want: tuple[int, ...], vocab_rows: bool) -> dcp_md.TensorStorageMetadata:
         md = self.index.state_dict_metadata.get(key)
@@ -426,10 +397,7 @@ class TorchDistReader(ReaderBase):
 
     def read(self, entry: Entry) -> list[torch.Tensor]:
         if not entry.kind.megatron:
-            if self.meta:
-                return [torch.empty(entry.hf_shapes[0], dtype=torch.bfloat16, device="meta")]
-            t = read_safetensors_tensor(self.heads, entry.hf[0])
-            return [t]
+            return [read_head(self.heads, entry, self.meta)]
         ps = pieces(entry, self.spec, self.num_experts)
         if entry.kind is QKVG_ and ps[0].key not in self.index.state_dict_metadata:
             return [self._fused_qkvg(entry, ps[0].key.removesuffix("._qkv"))]
@@ -438,13 +406,11 @@ class TorchDistReader(ReaderBase):
         dtype = mds[0].properties.dtype
         if self.meta:
             return [torch.empty(shape, dtype=dtype, device="meta")]
-        t = torch.zeros(shape, dtype=dtype)  # vocab pad rows stay zero; every other row is covered below
+        covered = sum(p.rows.stop - p.rows.start for p in ps)
+        t = (torch.empty if covered == shape[0] else torch.zeros)(shape, dtype=dtype)  # (zeros: vocab pad rows)
         for p in ps:
-            sizes = [p.rows.stop - p.rows.start, *shape[1:]]
-            if entry.expert is not None:
-                sizes = [1, *sizes]
-            region = self.region(p.key, p.offsets, tuple(sizes))
-            t[p.rows] = region[0] if entry.expert is not None else region
+            into = t[p.rows]
+            self.region(p.key, p.offsets, out=into.unsqueeze(0) if entry.expert is not None else into)
         return [t]
 
     def _fused_qkvg(self, entry: Entry, key: str) -> torch.Tensor:
@@ -457,14 +423,14 @@ class TorchDistReader(ReaderBase):
         if self.meta:
             return torch.empty(entry.kind.rank_shape(entry.source_shapes, entry.ctx, 0), dtype=md.properties.dtype,
                                device="meta")
-        whole = self.region(key, (0, 0), (tp * rows, cols))
+        whole = self.region(key, (0, 0), out=torch.empty(tp * rows, cols, dtype=md.properties.dtype))
         qkvg = QKVG_.merge(list(whole.chunk(tp)), SplitContext(tp, entry.ctx.attn))
         return QKVG_.split(list(qkvg), entry.ctx, 0)
 
-    def region(self, key: str, offsets: tuple[int, ...], sizes: tuple[int, ...]) -> torch.Tensor:
-        """The box [offsets, offsets + sizes) of global tensor `key`, from the chunks that overlap it."""
-        md = self.index.state_dict_metadata[key]
-        out = torch.empty(sizes, dtype=md.properties.dtype)
+    def region(self, key: str, offsets: tuple[int, ...], out: torch.Tensor) -> torch.Tensor:
+        """Fill `out` with the box of global tensor `key` at `offsets` (of `out`'s shape) from the chunks that
+        overlap it; `out` may be a view of the caller's tensor, so nothing is copied twice."""
+        sizes = tuple(out.shape)
         covered = 0
         chunks = self.chunks.get(key, [])
         starts, longest = self._starts.get(key, ([], 1))

@@ -175,7 +175,7 @@ def test_reads_a_gate_fused_per_rank_into_linear_qkv(tmp_path, fixture_dir, fixt
     full = {}
     for key, md in index.state_dict_metadata.items():
         if hasattr(md, "size"):
-            full[key] = reader.region(key, (0,) * len(md.size), tuple(md.size))
+            full[key] = reader.region(key, (0,) * len(md.size), out=torch.empty(tuple(md.size), dtype=md.properties.dtype))
     for qkv_key in [k for k in full if k.endswith("._qkv")]:
         base = qkv_key.removesuffix("._qkv")
         full_attention = base.startswith("decoder.layers.0.")  # layer 0 (8 heads); 1-3 and MTP are sliding (12)
