@@ -28,10 +28,13 @@ from megatron.core.transformer.moe.experts import SequentialMLP
 from megatron.core.transformer.moe.moe_layer import MoELayer, MoESubmodules
 from megatron.core.transformer.moe.shared_experts import SharedExpertMLP
 from megatron.core.transformer.multi_token_prediction import (
+    MTPLossAutoScaler,
+    MTPLossLoggingHelper,
     MultiTokenPredictionBlockSubmodules,
     MultiTokenPredictionLayer,
     MultiTokenPredictionLayerSubmodules,
     get_mtp_num_layers_to_build,
+    roll_tensor,
 )
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -66,12 +69,14 @@ _LOCAL_SHARDED_KEYS_MAP = {
 def build_transformer_config(hf_config: Step35Config | dict, *, params_dtype: torch.dtype = torch.float32,
                              tp: Optional[int] = None, pp: Optional[int] = None,
                              ep: Optional[int] = None, etp: Optional[int] = None,
-                             perform_initialization: bool = True,
+                             perform_initialization: bool = True, sequence_parallel: bool = False,
                              config_overrides: Optional[dict] = None) -> TransformerConfig:
     """The model-level TransformerConfig (attention shape = full-attention layers).
 
     Parallel sizes default to the current megatron parallel_state. Refuses configs this model does not
-    implement (every fact and default read through ``Step35Config``).
+    implement (every fact and default read through ``Step35Config``). ``sequence_parallel`` (TP > 1 only):
+    megatron's sequence parallelism, which its MoE layer requires for training at TP > 1.
+    ``config_overrides`` may set training options such as ``mtp_loss_scaling_factor``.
     """
     c = Step35Config.of(hf_config)
     if tp is None:
@@ -137,7 +142,7 @@ def build_transformer_config(hf_config: Step35Config | dict, *, params_dtype: to
         pipeline_model_parallel_size=pp,
         expert_model_parallel_size=ep,
         expert_tensor_parallel_size=etp,
-        sequence_parallel=False,
+        sequence_parallel=bool(sequence_parallel) and tp > 1,
     )
     if moe:
         kw.update(
@@ -162,8 +167,8 @@ def build_transformer_config(hf_config: Step35Config | dict, *, params_dtype: to
         kw["head_wise_attn_gate"] = True
     kw.update(config_overrides or {})
     config = TransformerConfig(**kw)
-    if config.sequence_parallel or config.context_parallel_size != 1:
-        raise NotImplementedError("sequence/context parallelism (attention assumes the full sequence per rank)")
+    if config.context_parallel_size != 1:
+        raise NotImplementedError("context parallelism (attention assumes the full sequence per rank)")
     return config
 
 
@@ -286,7 +291,10 @@ class Step35GPTModel(GPTModel):
     its ``final_layernorm`` (``[s, b, h]``; apply any head), ``last_mtp_block_outputs[k]`` the same
     before the norm. MTP layer k at position t reads token t+k+1: positions ``t >= s-k-1`` see
     megatron's zero-filled roll and are undefined (they do not influence earlier positions).
+    ``true_vocab_size`` (set by ``build_step35_model``): the unpadded vocabulary the loss runs over.
     """
+
+    true_vocab_size: Optional[int] = None
 
     def forward(self, input_ids: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 attention_mask: Optional[torch.Tensor] = None, decoder_input: Optional[torch.Tensor] = None,
@@ -321,6 +329,8 @@ class Step35GPTModel(GPTModel):
         if not self.post_process:
             return hidden_states
 
+        if labels is not None and self.config.mtp_num_layers:
+            hidden_states = self._attach_mtp_loss(hidden_states, labels, loss_mask)
         logits, _ = self.output_layer(hidden_states, weight=None,
                                       runtime_gather_output=runtime_gather_output)
         if return_dict:
@@ -333,6 +343,50 @@ class Step35GPTModel(GPTModel):
         if labels is None:
             return logits.transpose(0, 1).contiguous()
         return self.compute_language_model_loss(labels, logits)
+
+    def compute_language_model_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Cross entropy [b, s] over the true vocabulary only: the padded logits (global column >=
+        ``true_vocab_size``) are set to -inf before megatron's (vocab-parallel) cross entropy, so they join
+        no softmax and their output-layer rows get no gradient. ``logits``: [s, b, V/tp] (or [s, b, V]
+        when gathered)."""
+        true_vocab = self.true_vocab_size
+        part = logits.shape[-1]
+        start = 0
+        if part != self.vocab_size:  # this rank's vocab shard
+            start = ps.get_tensor_model_parallel_rank() * part
+        if true_vocab is not None and start + part > true_vocab:
+            padded = torch.arange(start, start + part, device=logits.device) >= true_vocab
+            logits = logits.masked_fill(padded, float("-inf"))
+        return super().compute_language_model_loss(labels, logits)
+
+    def _attach_mtp_loss(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                         loss_mask: Optional[torch.Tensor]) -> torch.Tensor:
+        """Megatron's MTP loss (``GPTModel._postprocess``): MTP layer k at position t predicts token t+k+2
+        (labels and loss mask rolled left k+1 times, the rolled-in tail masked out); its masked mean cross
+        entropy, times ``mtp_loss_scaling_factor / mtp_num_layers``, is attached to the main hidden states by
+        ``MTPLossAutoScaler`` (its gradient joins the main loss's backward, scaled by what the pipeline
+        schedule sets with ``MTPLossAutoScaler.set_loss_scale``). The head is the shared ``output_layer``."""
+        n_mtp = self.config.mtp_num_layers
+        if len(self.last_mtp_hidden_states) != n_mtp:
+            raise RuntimeError(f"expected {n_mtp} MTP outputs, got {len(self.last_mtp_hidden_states)}")
+        mtp_labels = labels.clone()
+        if loss_mask is None:
+            loss_mask = torch.ones_like(mtp_labels)
+        scale = self.config.mtp_loss_scaling_factor / n_mtp
+        for k, h in enumerate(self.last_mtp_hidden_states):
+            mtp_logits, _ = self.output_layer(h, weight=None)
+            mtp_labels, _ = roll_tensor(mtp_labels, shifts=-1, dims=-1, cp_group=self.cp_group)
+            loss_mask, num_tokens = roll_tensor(loss_mask, shifts=-1, dims=-1, cp_group=self.cp_group)
+            mtp_loss = loss_mask * self.compute_language_model_loss(mtp_labels, mtp_logits)
+            if self.training:
+                MTPLossLoggingHelper.save_loss_to_tracker(
+                    torch.sum(mtp_loss) / num_tokens, k, n_mtp,
+                    avg_group=ps.get_data_parallel_group(with_context_parallel=True))
+            if self.config.calculate_per_token_loss:
+                hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * mtp_loss)
+            else:
+                hidden_states = MTPLossAutoScaler.apply(hidden_states, scale * mtp_loss / num_tokens)
+        return hidden_states
 
     def _run_mtp(self, input_ids, position_ids, h_prev, attention_mask) -> None:
         ids, pos = input_ids, position_ids
@@ -353,7 +407,7 @@ def build_step35_model(hf_config: Step35Config | dict, *, pre_process: Optional[
                        post_process: Optional[bool] = None, spec: str = "local",
                        params_dtype: torch.dtype = torch.float32, window_convention: str = "hf",
                        parallel_output: bool = True, perform_initialization: bool = True,
-                       make_vocab_size_divisible_by: int = 128,
+                       make_vocab_size_divisible_by: int = 128, sequence_parallel: bool = False,
                        config_overrides: Optional[dict] = None, vp_stage: Optional[int] = None
                        ) -> Step35GPTModel:
     """Build Step-3.5 for the current megatron parallel state (call ``init_parallel`` first).
@@ -363,6 +417,10 @@ def build_step35_model(hf_config: Step35Config | dict, *, pre_process: Optional[
     last; MTP layers live on the last stage. ``window_convention``: "hf" = a query sees
     ``sliding_window`` keys including itself (HF/vLLM), "megatron" = one more (TE window (W, 0)).
     ``perform_initialization=False`` skips random init (weights are then loaded).
+    ``sequence_parallel``: megatron's sequence parallelism at TP > 1 (needed to train MoE layers at TP > 1).
+    With ``labels``, the forward returns the per-token loss [b, s] over the true vocabulary
+    (``model.true_vocab_size``) and, with MTP layers, attaches megatron's MTP loss
+    (``mtp_loss_scaling_factor``, default 0.1, settable through ``config_overrides``).
     """
     if spec != "local":
         raise NotImplementedError(f"spec={spec!r}: only the local (non-TE) spec is implemented")
@@ -374,7 +432,7 @@ def build_step35_model(hf_config: Step35Config | dict, *, pre_process: Optional[
         post_process = ps.is_pipeline_last_stage(ignore_virtual=True)
     config = build_transformer_config(c, params_dtype=params_dtype,
                                       perform_initialization=perform_initialization,
-                                      config_overrides=config_overrides)
+                                      sequence_parallel=sequence_parallel, config_overrides=config_overrides)
     block, mtp = step35_block_specs(c, config, window_convention=window_convention,
                                     vp_stage=vp_stage)
     vocab = c.padded_vocab(config.tensor_model_parallel_size, make_vocab_size_divisible_by)
@@ -392,4 +450,5 @@ def build_step35_model(hf_config: Step35Config | dict, *, pre_process: Optional[
             mtp_block_spec=mtp,
             vp_stage=vp_stage,
         )
+    model.true_vocab_size = c.vocab
     return model

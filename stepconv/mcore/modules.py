@@ -227,19 +227,21 @@ class Step35SelfAttention(SelfAttention):
             raise NotImplementedError("Step35SelfAttention: KV-cache inference is not supported")
         if packed_seq_params is not None:
             raise NotImplementedError("Step35SelfAttention: packed sequences are not supported")
-        # Positions 0..S-1 (full sequence; no sequence/context parallelism). The model-level
+        # Positions 0..S-1 of the full sequence: with sequence parallelism this rank holds S/tp rows, and
+        # linear_qkv all-gathers them before RoPE (no context parallelism). The model-level
         # rotary_pos_emb is ignored: theta, rotary dim and scaling are per layer.
-        freqs = self.rotary_freqs(hidden_states.shape[0], hidden_states.device)
+        seq_len = hidden_states.shape[0] * (self.world_size if self.config.sequence_parallel else 1)
+        freqs = self.rotary_freqs(seq_len, hidden_states.device)
         if self.native_head_wise_gate:
             return super().forward(hidden_states, attention_mask, key_value_states=key_value_states,
                                    rotary_pos_emb=freqs, attention_bias=attention_bias,
                                    sequence_len_offset=sequence_len_offset, **kwargs)
 
-        sq, b = hidden_states.shape[:2]
         np_ = self.num_attention_heads_per_partition
         ng_p = self.num_query_groups_per_partition
         hd = self.hidden_size_per_attention_head
-        mixed, _ = self.linear_qkv(hidden_states)  # [sq, b, ng_p*(np/ng_p+2)*hd + np]
+        mixed, _ = self.linear_qkv(hidden_states)  # [sq, b, ng_p*(np/ng_p+2)*hd + np], sq = full sequence
+        sq, b = mixed.shape[:2]
         mixed, gate = torch.split(mixed, [mixed.shape[-1] - np_, np_], dim=-1)
         mixed = mixed.contiguous().view(sq, b, ng_p, (np_ // ng_p + 2) * hd)
         query, key, value = torch.split(mixed, [np_ // ng_p * hd, hd, hd], dim=3)

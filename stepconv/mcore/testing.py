@@ -125,6 +125,13 @@ def reference_forward(cfg: Step35Config | dict, tensors: dict[str, torch.Tensor]
     layer, pre final norm), ``mtp_hidden`` (pre-norm MTP block outputs, [b, s-k-1, H]),
     ``mtp_logits_hf`` (own ``shared_head``), ``mtp_logits_shared`` (main ``lm_head`` after the MTP
     layer's ``shared_head.norm``, i.e. megatron's shared-output semantics)."""
+    return reference_forward_graph(cfg, tensors, input_ids, window_convention=window_convention, dtype=dtype)
+
+
+def reference_forward_graph(cfg: Step35Config | dict, tensors: dict[str, torch.Tensor], input_ids: torch.Tensor, *,
+                            window_convention: str = "hf", dtype: torch.dtype = torch.float32) -> dict:
+    """``reference_forward`` under autograd (gradient checks: leaf ``tensors`` already in ``dtype`` receive
+    the gradients)."""
     tensors = {k: (v.to(dtype) if v.is_floating_point() and k.endswith("weight") else v) for k, v in tensors.items()}
     cfg = Step35Config.of(cfg)
     eps, L = cfg.eps, cfg.num_layers
