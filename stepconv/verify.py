@@ -205,7 +205,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
     else:
         loader = ResplitRanks(Path(mcore_dir), iteration, hf_dir / "config.json", lay)
     mc = megatron_forward(loader, cfg.raw, ids, tp=tp, pp=pp, ep=ep, window_convention=window_convention,
-                          dtype=torch_dtype, start_method="forkserver", device=device)
+                          dtype=torch_dtype, start_method="spawn" if device == "cuda" else "forkserver", device=device)
     t_mc = time.time() - t1
 
     logits = compare_logits(hf["logits"], mc["logits"][..., :cfg.vocab])

@@ -22,6 +22,7 @@ from conftest import FIXTURE, load_hf
 from stepconv.config import Step35Config
 from stepconv.kinds import COLUMN, EXTRA, QKVG_, VOCAB
 from stepconv.mapping import Layout, plan
+from stepconv.mcore.model import mtp_inner_layer_name
 from stepconv.mcore.run import run_ranks
 from stepconv.mcore.testing import reference_forward_graph
 from stepconv.mcore.train import batch_from_tokens
@@ -38,7 +39,7 @@ def _data(cfg: Step35Config) -> torch.Tensor:
 
 def _rank_state_dicts(cfg: Step35Config, tensors: dict, layout: Layout) -> dict:
     out: dict = {r: {} for r in layout.ranks()}
-    for e in plan(cfg, layout, "local"):
+    for e in plan(cfg, layout, "local", mtp_inner_layer_name()):
         if not e.kind.megatron:
             continue
         srcs = [tensors[h] if e.expert is None else tensors[h][e.expert] for h in e.hf]
@@ -107,7 +108,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _merged(results: list, cfg: Step35Config, layout: Layout):
     """(entry, hf name, merged Megatron gradient, shards) for every plan entry that is a parameter."""
     by = {r["coords"]: r["grads"] for r in results}
-    for e in plan(cfg, layout, "local"):
+    for e in plan(cfg, layout, "local", mtp_inner_layer_name()):
         if e.kind is EXTRA or not e.kind.megatron or e.replica:
             continue
         ep = e.ep_rank or 0

@@ -256,10 +256,7 @@ def step35_block_specs(hf_config: Step35Config | dict, config: TransformerConfig
         for k in range(n_mtp):
             info = infos[L + k]
             inner = step35_layer_spec(info, layer_transformer_config(config, info))
-            # 0.16.x names the inner layer `transformer_layer`; >= 0.17/dev `mtp_model_layer`.
-            inner_field = ("transformer_layer" if "transformer_layer" in
-                           {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
-                           else "mtp_model_layer")
+            inner_field = mtp_inner_layer_name()
             layer_specs.append(ModuleSpec(
                 module=MultiTokenPredictionLayer,
                 submodules=MultiTokenPredictionLayerSubmodules(
@@ -268,6 +265,24 @@ def step35_block_specs(hf_config: Step35Config | dict, config: TransformerConfig
             ))
         mtp = MultiTokenPredictionBlockSubmodules(layer_specs=layer_specs)
     return block, mtp
+
+
+def mtp_inner_layer_name() -> str:
+    """The installed megatron-core's name of an MTP layer's decoder block: ``transformer_layer`` (0.16.x) or
+    ``mtp_model_layer`` (>= 0.17 and dev)."""
+    fields = {f.name for f in dataclasses.fields(MultiTokenPredictionLayerSubmodules)}
+    return "transformer_layer" if "transformer_layer" in fields else "mtp_model_layer"
+
+
+def _mtp_names_as_installed(module, state_dict, prefix, *_args) -> None:
+    """Load-state-dict pre-hook: MTP block keys written under the other megatron-core version's name
+    (``mtp.layers.K.transformer_layer.`` <-> ``mtp.layers.K.mtp_model_layer.``) are renamed to the installed one,
+    so a checkpoint converted for megatron-core 0.16 loads into a model built with 0.17/dev and back."""
+    mine = mtp_inner_layer_name()
+    other = "mtp_model_layer" if mine == "transformer_layer" else "transformer_layer"
+    head = prefix + "mtp.layers."
+    for key in [k for k in state_dict if k.startswith(head) and f".{other}." in k]:
+        state_dict[key.replace(f".{other}.", f".{mine}.", 1)] = state_dict.pop(key)
 
 
 class _PreNormCapture:
@@ -451,4 +466,5 @@ def build_step35_model(hf_config: Step35Config | dict, *, pre_process: Optional[
             vp_stage=vp_stage,
         )
     model.true_vocab_size = c.vocab
+    model._register_load_state_dict_pre_hook(_mtp_names_as_installed, with_module=True)
     return model
