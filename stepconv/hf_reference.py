@@ -40,13 +40,13 @@ from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.models.step3p7.configuration_step3p7 import Step3p7Config, Step3p7TextConfig
-from transformers.models.step3p7.modeling_step3p7 import (Step3p7DecoderLayer, Step3p7RMSNorm,
+from transformers.models.step3p7.modeling_step3p7 import (Step3p7DecoderLayer, Step3p7RMSNorm, Step3p7SparseMoeBlock,
                                                           Step3p7RotaryEmbedding, Step3p7TextModel)
 
 from .config import Step35Config
 from .hf_io import HFCheckpoint
 
-__all__ = ["HFReference", "load_hf_reference", "build_text_config"]
+__all__ = ["HFReference", "load_hf_reference", "build_text_config", "StreamedReference", "LayerTrace"]
 
 _LAYER_RE = re.compile(r"^model\.language_model\.layers\.(\d+)\.(.+)$")  # a decoder layer, as transformers names it
 _ROUTER_FP32 = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
@@ -162,52 +162,80 @@ class _Step35Reference(nn.Module):
 # --------------------------------------------------------------------------------------------- weights
 
 
-def _load_checkpoint(ref: _Step35Reference, ckpt: HFCheckpoint, dtype: torch.dtype, *, backbone: bool) -> None:
-    """Fill ``ref`` from the checkpoint; raise ValueError listing every name without a counterpart.
+class _Routes:
+    """Where every checkpoint tensor goes in the reference's module tree, decided from names alone.
 
     Names go through transformers' conversion mapping for Step3p7 as its loader applies it: every renaming,
     then at most one converter, whose operations build the fused tensor (gate/up expert stacks). MTP layers,
     which that mapping leaves at ``model.language_model.layers.{L + k}``, are then moved to ``mtp.{k}``. Without
-    ``backbone`` (remote code runs the main model) only MTP tensors are read.
+    ``backbone`` (remote code runs the main model) only MTP tensors are routed. ``problems`` lists, strictly,
+    every checkpoint name without a destination and every destination without a source; ``read`` then fills any
+    subset of destinations (one decoder layer at a time when streaming).
     """
-    mapping = get_checkpoint_conversion_mapping(Step3p7Config.model_type)
-    renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
-    converters = [t for t in mapping if isinstance(t, WeightConverter)]
-    by_pattern = {p: c for c in converters for p in c.source_patterns}
-    cfg = ckpt.config
-    fp32 = _ROUTER_FP32 if cfg.fp32_router else ()
+
+    def __init__(self, ckpt: HFCheckpoint, expected: set[str], *, backbone: bool):
+        mapping = get_checkpoint_conversion_mapping(Step3p7Config.model_type)
+        renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
+        converters = [t for t in mapping if isinstance(t, WeightConverter)]
+        self._by_pattern = {p: c for c in converters for p in c.source_patterns}
+        self.ckpt = ckpt
+        cfg = ckpt.config
+        self._fp32 = _ROUTER_FP32 if cfg.fp32_router else ()
+        self.sources: dict[str, list[tuple[str, str | None]]] = {}  # target -> [(checkpoint name, pattern)]
+        leftover: list[str] = []
+        for name in ckpt.tensors:
+            target, pattern = rename_source_key(name, renamings, converters)
+            if (m := _LAYER_RE.match(target)) and cfg.num_layers <= int(m[1]) < cfg.num_layers + cfg.num_mtp:
+                target = f"mtp.{int(m[1]) - cfg.num_layers}.{m[2]}"
+            elif not backbone:
+                continue
+            if target not in expected:
+                leftover.append(name if target == name else f"{name} (as {target})")
+                continue
+            self.sources.setdefault(target, []).append((name, pattern))
+        self.problems: list[str] = []
+        for target, srcs in self.sources.items():
+            pattern = srcs[0][1]
+            if pattern is not None:
+                have = {p for _, p in srcs}
+                absent = [p for p in self._by_pattern[pattern].source_patterns if p not in have]
+                if absent:
+                    self.problems.append(f"{target} has {sorted(n for n, _ in srcs)} but no tensor for {absent}")
+        if leftover:
+            self.problems.append(f"checkpoint tensors with no Step3p7 destination: {sorted(leftover)}")
+        if missing := sorted(expected - set(self.sources)):
+            self.problems.append(f"parameters not filled from the checkpoint: {missing}")
+
+    def check(self) -> None:
+        if self.problems:
+            raise ValueError("strict load of the HF reference failed; " + "; ".join(self.problems))
+
+    def read(self, targets, dtype: torch.dtype, strip: str = "") -> dict[str, torch.Tensor]:
+        """The tensors of `targets` (names in the reference tree), `strip` removed from their front. A fused
+        tensor is built in the stored dtype and cast once (the cast is elementwise: same values, less memory)."""
+        sd: dict[str, torch.Tensor] = {}
+        for target in targets:
+            srcs = self.sources[target]
+            dt = torch.float32 if target.endswith(self._fp32) else dtype
+            if srcs[0][1] is None:
+                t = self.ckpt.lazy(srcs[0][0])[:].to(dt)
+                sd[target[len(strip):]] = t
+                continue
+            conv = deepcopy(self._by_pattern[srcs[0][1]])  # each fused target its own instance, as transformers does
+            for name, pattern in srcs:
+                conv.add_tensor(target, name, pattern, self.ckpt.lazy(name)[:])
+            for k, v in conv.convert(target).items():
+                sd[k[len(strip):]] = v.to(dt)
+            del conv
+        return sd
+
+
+def _load_checkpoint(ref: _Step35Reference, ckpt: HFCheckpoint, dtype: torch.dtype, *, backbone: bool) -> None:
+    """Fill ``ref`` from the checkpoint; raise ValueError listing every name without a counterpart."""
     expected = set(ref.state_dict())
-    sd: dict[str, torch.Tensor] = {}
-    fused: dict[str, WeightConverter] = {}
-    leftover: list[str] = []
-    for name in ckpt.tensors:
-        target, pattern = rename_source_key(name, renamings, converters)
-        if (m := _LAYER_RE.match(target)) and cfg.num_layers <= int(m[1]) < cfg.num_layers + cfg.num_mtp:
-            target = f"mtp.{int(m[1]) - cfg.num_layers}.{m[2]}"
-        elif not backbone:
-            continue
-        if target not in expected:
-            leftover.append(name if target == name else f"{name} (as {target})")
-            continue
-        t = ckpt.lazy(name)[:].to(torch.float32 if target.endswith(fp32) else dtype)
-        if pattern is None:
-            sd[target] = t
-        else:  # each fused target gets its own converter instance, as in transformers' loader
-            fused.setdefault(target, deepcopy(by_pattern[pattern])).add_tensor(target, name, pattern, t)
-    problems = []
-    for target, conv in fused.items():
-        absent = [p for p in conv.source_patterns if p not in conv.collected_tensors]
-        if absent:
-            problems.append(f"{target} has {sorted(conv.layer_targets[target])} but no tensor for {absent}")
-        else:
-            sd.update(conv.convert(target))
-    if leftover:
-        problems.append(f"checkpoint tensors with no Step3p7 destination: {sorted(leftover)}")
-    if missing := sorted(expected - set(sd)):
-        problems.append(f"parameters not filled from the checkpoint: {missing}")
-    if problems:
-        raise ValueError("strict load of the HF reference failed; " + "; ".join(problems))
-    ref.load_state_dict(sd, strict=True, assign=True)
+    routes = _Routes(ckpt, expected, backbone=backbone)
+    routes.check()
+    ref.load_state_dict(routes.read(sorted(expected), dtype), strict=True, assign=True)
 
 
 # --------------------------------------------------------------------------------------------- public
@@ -337,3 +365,151 @@ def load_hf_reference(hf_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     return HFReference(config=cfg, dtype=dtype, backend="remote" if remote else "step3p7", model=model,
                        lm_head=lm_head, mtp=ref.mtp, text_config=text_config, mtp_config=ext_config,
                        _mtp_rotary=mtp_rotary)
+
+
+# --------------------------------------------------------------------------------------------- streamed
+
+
+@dataclass
+class LayerTrace:
+    """What one HF decoder layer did to its input (all [B, S, H] unless noted; on the reference's device).
+
+    ``mid``: the residual stream after attention (the MLP's input); ``out``: the layer output. MoE layers also:
+    ``x`` the MLP's normalised input, ``idx``/``weights`` [B*S, top_k] the router's selection and its normalised
+    weights, ``slots`` [top_k, B*S, H] the selected experts' own outputs (selection j of every token, weight 1).
+    """
+
+    out: torch.Tensor
+    mid: torch.Tensor
+    x: torch.Tensor | None = None
+    idx: torch.Tensor | None = None
+    weights: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+
+class StreamedReference:
+    """The HF reference run one decoder layer at a time: each layer is built on the meta device, filled strictly
+    from that layer's safetensors (and nothing else), run, and dropped, so memory holds one layer, not the model.
+
+    Every checkpoint name is routed up front (``_Routes`` on a meta skeleton of the whole model), so a tensor with
+    no destination or a parameter with no tensor is an error before anything runs. Call order: ``start(ids)``
+    (embedding, masks, RoPE), ``layer(i, h)`` for consecutive layers, ``final(h)``, ``mtp(k, h)``.
+
+    Example: ``r = StreamedReference("ckpt"); h = r.start(ids); t = r.layer(0, h); logits = r.final(t.out)``.
+    """
+
+    def __init__(self, hf_dir: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.ckpt = HFCheckpoint(hf_dir)
+        self.config = cfg = self.ckpt.config
+        self.dtype, self.device = dtype, torch.device(device)
+        self.text_config = build_text_config(cfg)
+        self.mtp_config = build_text_config(cfg, with_mtp_layers=True)
+        with torch.device("meta"):
+            skeleton = _Step35Reference(self.text_config, self.mtp_config, cfg.num_mtp)
+        self.routes = _Routes(self.ckpt, set(skeleton.state_dict()), backbone=True)
+        self.routes.check()
+        del skeleton
+        self._embeddings: torch.Tensor | None = None
+
+    def _fill(self, module: nn.Module, prefix: str) -> nn.Module:
+        targets = [t for t in self.routes.sources if t.startswith(prefix)]
+        module.load_state_dict(self.routes.read(targets, self.dtype, strip=prefix), strict=True, assign=True)
+        meta = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if meta:
+            raise RuntimeError(f"tensors left uninitialised after loading {prefix}: {meta}")
+        return module.to(self.device).eval()
+
+    @torch.no_grad()
+    def start(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Embed `input_ids` [B, S]; prepare masks and RoPE for the layers. Returns the embeddings [B, S, H]."""
+        cfg = self.config
+        with torch.device("meta"):
+            embed = nn.Embedding(cfg.vocab, cfg.hidden)
+        embed = self._fill(embed, "model.language_model.embed_tokens.")
+        ids = input_ids.long().to(self.device)
+        h = embed(ids)
+        del embed
+        self._embeddings = h
+        bsz, seq = ids.shape
+        pos = torch.arange(seq, device=self.device).unsqueeze(0).expand(bsz, -1)
+        self._pos = pos
+        self._masks, self._pe = {}, {}
+        for conf, store in ((self.text_config, "main"), (self.mtp_config, "mtp")):
+            rotary = Step3p7RotaryEmbedding(config=conf).to(self.device)
+            for kind in set(conf.layer_types):
+                make = create_sliding_window_causal_mask if kind == "sliding_attention" else create_causal_mask
+                self._masks[(store, kind)] = make(config=conf, inputs_embeds=h, attention_mask=None, cache=None,
+                                                  position_ids=pos)
+                self._pe[(store, kind)] = rotary(h, pos, kind)
+        return h
+
+    @torch.no_grad()
+    def layer(self, i: int, h: torch.Tensor) -> LayerTrace:
+        """Main decoder layer `i` on `h` [B, S, H], with what its sublayers saw (see LayerTrace)."""
+        with torch.device("meta"):
+            layer = Step3p7DecoderLayer(self.text_config, i)
+        layer = self._fill(layer, f"model.language_model.layers.{i}.")
+        kind = layer.attention_type
+        seen: dict[str, Any] = {}
+        hooks = [layer.post_attention_layernorm.register_forward_hook(
+            lambda _m, args, out: seen.update(mid=args[0], x=out))]
+        moe = isinstance(layer.mlp, Step3p7SparseMoeBlock)
+        if moe:
+            hooks.append(layer.mlp.gate.register_forward_hook(lambda _m, _a, out: seen.update(route=out)))
+        try:
+            out = layer(h, attention_mask=self._masks[("main", kind)], position_ids=self._pos,
+                        position_embeddings=self._pe[("main", kind)])
+        finally:
+            for hk in hooks:
+                hk.remove()
+        trace = LayerTrace(out=out, mid=seen["mid"])
+        if moe:
+            _, weights, idx = seen["route"]
+            x = seen["x"]
+            flat = x.reshape(-1, x.shape[-1])
+            ones = torch.ones(idx.shape[0], 1, dtype=weights.dtype, device=weights.device)
+            slots = torch.stack([layer.mlp.experts(flat, idx[:, j:j + 1], ones) for j in range(idx.shape[1])])
+            trace = LayerTrace(out=out, mid=seen["mid"], x=x, idx=idx, weights=weights, slots=slots)
+        del layer
+        return trace
+
+    @torch.no_grad()
+    def final(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head on the last layer's output: logits [B, S, V] (fp32)."""
+        cfg = self.config
+        with torch.device("meta"):
+            norm = Step3p7RMSNorm(cfg.hidden, eps=self.text_config.rms_norm_eps)
+            head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        norm = self._fill(norm, "model.language_model.norm.")
+        head = self._fill(head, "lm_head.")
+        return head(norm(h)).float()
+
+    @torch.no_grad()
+    def mtp(self, k: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP layer k on `h` (the last main layer's output for k = 0, else MTP layer k-1's block output; the
+        first S-k positions are read): its block output [B, S-k-1, H] and its own head's logits (fp32)."""
+        L = self.config.num_layers
+        with torch.device("meta"):
+            layer = _MTPLayer(self.mtp_config, L + k)
+        layer = self._fill(layer, f"mtp.{k}.")
+        n = self._embeddings.shape[1] - k - 1  # positions t whose token t+k+1 exists
+        e = layer.enorm(self._embeddings[:, k + 1:])
+        z = layer.eh_proj(torch.cat([e, layer.hnorm(h[:, :n])], dim=-1))  # embedding first, hidden second
+        pos = self._pos[:, :n]
+        kind = layer.attention_type
+        mask = self._masks[("mtp", kind)][..., :n, :n]
+        cos, sin = self._pe[("mtp", kind)]
+        z = layer(z, attention_mask=mask, position_ids=pos, position_embeddings=(cos[:, :n], sin[:, :n]))
+        head = layer.transformer.shared_head
+        logits = head.output(head.norm(z)).float()
+        del layer
+        return z, logits
+
+    @torch.no_grad()
+    def mtp_logits(self, k: int, normed: torch.Tensor) -> torch.Tensor:
+        """MTP layer k's own output head (shared_head.output only) on an already normalised block output."""
+        cfg = self.config
+        with torch.device("meta"):
+            head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
+        head = self._fill(head, f"mtp.{k}.transformer.shared_head.output.")
+        return head(normed.to(self.device, self.dtype)).float()

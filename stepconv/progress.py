@@ -56,3 +56,31 @@ def progress(total: int, label: str, *, quiet: bool = False) -> Iterator[Report 
     report.set_total = lambda n: state.__setitem__("total", n)  # type: ignore[attr-defined]
     yield report
     line(time.time())
+
+
+@contextmanager
+def steps(total: int, label: str, *, quiet: bool = False) -> Iterator[Callable[[int, str], None] | None]:
+    """A progress bar over `total` steps (layers, not bytes) with an ETA; `report(done, what)` sets the count."""
+    if quiet:
+        yield None
+        return
+    if sys.stderr.isatty():
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
+
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task(label, total=total)
+            yield lambda done, what: bar.update(task, completed=done, description=f"{label}: {what}")
+        return
+    t0 = time.time()
+    state = {"last": 0.0, "done": 0}
+
+    def report(done: int, what: str) -> None:
+        now = time.time()
+        if done != state["done"] and (now - state["last"] >= 5 or done == total):
+            state["last"], state["done"] = now, done
+            eta = (now - t0) / done * (total - done) if done else 0.0
+            print(f"{label}: {done}/{total} {what}, eta {eta:.0f}s", file=sys.stderr, flush=True)
+
+    yield report

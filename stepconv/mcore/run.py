@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import pickle
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,23 +28,35 @@ START_METHODS = ("spawn", "forkserver")
 
 def _rank_entry(rank: int, world: int, tp: int, pp: int, ep: int, port: int, device: str,
                 threads: int, result_dir: str) -> None:
-    if device == "cpu":
-        if torch.cuda.is_available():
-            raise RuntimeError("device='cpu' rank sees CUDA (fork server started elsewhere without "
-                               "CUDA_VISIBLE_DEVICES=''?); use start_method='spawn'")
-        torch.set_num_threads(threads)
-    from .runtime import destroy_parallel, init_parallel
-
-    with open(os.path.join(result_dir, "payload.pkl"), "rb") as f:
-        fn, args, kwargs = pickle.load(f)
-
-    init_parallel(rank, world, tp, pp, ep, port, backend="gloo" if device == "cpu" else "nccl")
+    """One rank: run the payload; on failure write its one-line cause (and the traceback beside it) for the
+    caller and exit 1 without printing a traceback."""
     try:
-        res = fn(*args, **kwargs)
-    finally:
-        destroy_parallel()
-    with open(os.path.join(result_dir, f"rank_{rank:05d}.pkl"), "wb") as f:
-        pickle.dump(res, f)
+        if device == "cpu":
+            if torch.cuda.is_available():
+                raise RuntimeError("device='cpu' rank sees CUDA (fork server started elsewhere without "
+                                   "CUDA_VISIBLE_DEVICES=''?); use start_method='spawn'")
+            torch.set_num_threads(threads)
+        from .runtime import destroy_parallel, init_parallel
+
+        with open(os.path.join(result_dir, "payload.pkl"), "rb") as f:
+            fn, args, kwargs = pickle.load(f)
+
+        init_parallel(rank, world, tp, pp, ep, port, backend="gloo" if device == "cpu" else "nccl")
+        try:
+            res = fn(*args, **kwargs)
+        finally:
+            destroy_parallel()
+        with open(os.path.join(result_dir, f"rank_{rank:05d}.pkl"), "wb") as f:
+            pickle.dump(res, f)
+    except BaseException as e:  # noqa: BLE001 (reported to the caller as one line, the traceback kept in a file)
+        import traceback
+
+        line = str(e).splitlines()[0] if str(e) else ""
+        kind = "" if type(e).__name__ == "StepconvError" else f"{type(e).__name__}: "
+        Path(result_dir, f"traceback_{rank:05d}.txt").write_text(traceback.format_exc())
+        Path(result_dir, f"error_{rank:05d}.txt").write_text(f"{kind}{line}")
+        sys.stderr.flush()
+        os._exit(1)
 
 
 @contextlib.contextmanager
@@ -60,18 +73,73 @@ def _env(**kv):
                 os.environ[k] = v
 
 
-def run_ranks(fn: Callable, *args: Any, tp: int = 1, pp: int = 1, ep: int = 1,
-              start_method: str = "spawn", device: str = "cpu", threads_per_rank: Optional[int] = None,
-              port: Optional[int] = None, **kwargs: Any) -> list:
-    """Run ``fn(*args, **kwargs)`` on ``tp*pp*ep`` local ranks, each with torch.distributed and
-    megatron's parallel_state initialised (data-parallel size = ep); return the per-rank results
-    (pickled; ordered by global rank). ``fn`` must be importable by the child processes; ``args`` and
-    ``kwargs`` are pickled once to a temporary file that every rank reads.
+class RankError(RuntimeError):
+    """A rank process failed; the message is its one-line cause (``traceback`` holds the rank's traceback)."""
 
-    ``start_method``: "spawn" (default), or "forkserver", which imports torch/megatron once in a
-    fork server that persists for this process (rank start-up then costs ~0.2 s instead of seconds;
-    CPU only). ``device="cuda"``: nccl, one GPU per rank (``rank % device_count``).
+    def __init__(self, message: str, traceback: str = ""):
+        super().__init__(message)
+        self.traceback = traceback
+
+
+class RankGroup:
+    """``tp*pp*ep`` rank processes started by ``start_ranks``; the caller keeps working while they run.
+
+    ``poll()`` raises ``RankError`` (and stops the others) as soon as one rank has failed, and returns True once
+    all have finished; ``results()`` waits and returns the per-rank results; ``stop()`` ends every rank still
+    running (only the processes this group started). ``workdir`` is a folder the ranks and the caller share.
     """
+
+    def __init__(self, ctx, world: int, workdir: str, cleanup):
+        self.ctx, self.world, self.workdir, self._cleanup = ctx, world, workdir, cleanup
+
+    def _failed(self) -> RankError | None:
+        errs = sorted(Path(self.workdir).glob("error_*.txt"))
+        if not errs:
+            return None
+        rank = int(errs[0].stem.split("_")[1])
+        tb = Path(self.workdir, f"traceback_{rank:05d}.txt")
+        return RankError(f"rank {rank}: {errs[0].read_text()}", tb.read_text() if tb.exists() else "")
+
+    def poll(self, timeout: float = 0.0) -> bool:
+        try:
+            done = self.ctx.join(timeout=timeout)
+        except Exception as e:  # a rank exited non-zero: torch has stopped the others
+            self.stop()
+            raise self._failed() or RankError(f"a rank process failed: {str(e).splitlines()[0]}") from None
+        err = self._failed()
+        if err is not None:
+            self.stop()
+            raise err
+        return done
+
+    def results(self, poll: Optional[Callable[[], None]] = None, interval: float = 0.2) -> list:
+        while not self.poll(interval):
+            if poll is not None:
+                poll()
+        out = []
+        for r in range(self.world):
+            with open(Path(self.workdir) / f"rank_{r:05d}.pkl", "rb") as f:
+                out.append(pickle.load(f))
+        self.stop()
+        return out
+
+    def stop(self) -> None:
+        for p in self.ctx.processes:
+            if p.is_alive():
+                p.terminate()
+        for p in self.ctx.processes:
+            p.join(5)
+            if p.is_alive():
+                p.kill()
+        if self._cleanup is not None:
+            self._cleanup()
+            self._cleanup = None
+
+
+def start_ranks(fn: Callable, *args: Any, tp: int = 1, pp: int = 1, ep: int = 1, start_method: str = "spawn",
+                device: str = "cpu", threads_per_rank: Optional[int] = None, port: Optional[int] = None,
+                **kwargs: Any) -> RankGroup:
+    """Start ``fn(*args, **kwargs)`` on ``tp*pp*ep`` local ranks (see ``run_ranks``) without waiting for them."""
     import torch.multiprocessing as mp
 
     from .runtime import free_port
@@ -92,18 +160,37 @@ def run_ranks(fn: Callable, *args: Any, tp: int = 1, pp: int = 1, ep: int = 1,
 
         multiprocessing.get_context("forkserver").set_forkserver_preload(
             ["torch", "stepconv.mcore.model", "stepconv.mcore.run"])
-    with tempfile.TemporaryDirectory(prefix="stepconv_mcore_") as rd, _env(**env):
-        # (fn, args, kwargs) go through a plain pickle file rather than the process arguments: tensors in
-        # process arguments are shared through one file descriptor each, which the fork server caps.
-        with open(os.path.join(rd, "payload.pkl"), "wb") as f:
-            pickle.dump((fn, args, kwargs), f, protocol=pickle.HIGHEST_PROTOCOL)
-        mp.start_processes(_rank_entry, args=(world, tp, pp, ep, port or free_port(), device, threads_per_rank, rd),
-                           nprocs=world, join=True, start_method=start_method)
-        out = []
-        for r in range(world):
-            with open(Path(rd) / f"rank_{r:05d}.pkl", "rb") as f:
-                out.append(pickle.load(f))
-    return out
+    tmp = tempfile.TemporaryDirectory(prefix="stepconv_mcore_")
+    rd = tmp.name
+    # (fn, args, kwargs) go through a plain pickle file rather than the process arguments: tensors in
+    # process arguments are shared through one file descriptor each, which the fork server caps.
+    with open(os.path.join(rd, "payload.pkl"), "wb") as f:
+        pickle.dump((fn, args, kwargs), f, protocol=pickle.HIGHEST_PROTOCOL)
+    with _env(**env):
+        ctx = mp.start_processes(_rank_entry, args=(world, tp, pp, ep, port or free_port(), device, threads_per_rank,
+                                                    rd), nprocs=world, join=False, start_method=start_method)
+    return RankGroup(ctx, world, rd, tmp.cleanup)
+
+
+def run_ranks(fn: Callable, *args: Any, tp: int = 1, pp: int = 1, ep: int = 1,
+              start_method: str = "spawn", device: str = "cpu", threads_per_rank: Optional[int] = None,
+              port: Optional[int] = None, **kwargs: Any) -> list:
+    """Run ``fn(*args, **kwargs)`` on ``tp*pp*ep`` local ranks, each with torch.distributed and
+    megatron's parallel_state initialised (data-parallel size = ep); return the per-rank results
+    (pickled; ordered by global rank). ``fn`` must be importable by the child processes; ``args`` and
+    ``kwargs`` are pickled once to a temporary file that every rank reads. A failed rank raises ``RankError``
+    with its one-line cause.
+
+    ``start_method``: "spawn" (default), or "forkserver", which imports torch/megatron once in a
+    fork server that persists for this process (rank start-up then costs ~0.2 s instead of seconds;
+    CPU only). ``device="cuda"``: nccl, one GPU per rank (``rank % device_count``).
+    """
+    group = start_ranks(fn, *args, tp=tp, pp=pp, ep=ep, start_method=start_method, device=device,
+                        threads_per_rank=threads_per_rank, port=port, **kwargs)
+    try:
+        return group.results()
+    finally:
+        group.stop()
 
 
 def _forward_rank(loader, cfg: Step35Config, input_ids: torch.Tensor, window_convention: str,
