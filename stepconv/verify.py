@@ -245,20 +245,28 @@ def _progress(exchange: Path) -> int:
         return 0
 
 
-def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: str = "fp32", batch: int | None = None,
-           seq_len: int | None = None, prompt_file: str | os.PathLike | None = None, seed: int = 0,
-           iteration: str | None = None, trust_remote_code: bool = False,
-           window_convention: str | None = None, device: str | None = None,
-           layout: Layout | None = None, layers: str | None = None, quiet: bool = True) -> VerifyReport:
+def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, **options) -> VerifyReport:
     """Parity of `hf_dir` and the Megatron checkpoint `mcore_dir` (legacy or torch_dist), streamed layer by layer.
 
     The Megatron side runs at `layout`'s TP and EP (default: the checkpoint's; PP plays no role when layers run one
     at a time), on `device` ("cpu", "cuda"; default cuda when there is a GPU per rank). `layers` "A:B" checks main
     layers A..B-1 only (both sides start layer A from the HF embeddings; the head and MTP need B = num layers).
     `dtype` "fp32" checks the conversion (bf16 weights upcast exactly); "bf16" runs both sides in bf16.
+    `options` are those of `verify_many`.
 
     Example: ``verify("Step-3.5-Flash", "Step-3.5-Flash-mcore", layers="40:45").passed``.
     """
+    return verify_many(hf_dir, [mcore_dir], **options)[0]
+
+
+def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp32", batch: int | None = None,
+                seq_len: int | None = None, prompt_file: str | os.PathLike | None = None, seed: int = 0,
+                iteration: str | None = None, trust_remote_code: bool = False,
+                window_convention: str | None = None, device: str | None = None,
+                layout: Layout | None = None, layers: str | None = None, quiet: bool = True) -> list[VerifyReport]:
+    """`verify` of several Megatron checkpoints of one HF checkpoint against a single HF pass, in one world of rank
+    processes (each layer is loaded and run once per checkpoint); one report each. All run at one TP x EP: `layout`,
+    else the first checkpoint's; a checkpoint saved otherwise (or torch_dist) is resplit to it as it is read."""
     from .convert import plan_export
     from .hf_reference import StreamedReference
     from .mcore.run import RankError, start_ranks
@@ -269,15 +277,18 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
     if dtype not in GATES:
         raise StepconvError(f"--dtype must be fp32 or bf16; got {dtype!r}")
     if trust_remote_code:
-        raise StepconvError("--trust-remote-code is not supported by the streamed verify yet: StepFun's "
+        raise StepconvError("--trust-remote-code is not supported by the streamed verify: StepFun's "
                             "modeling_step3p5.py does not load on transformers 5.x (see docs/VERIFY.md)")
-    hf_dir, mcore_dir = Path(hf_dir), Path(mcore_dir)
+    hf_dir = Path(hf_dir)
     cfg = Step35Config.from_file(hf_dir / "config.json")
-    src = plan_export(mcore_dir, iteration=iteration, hf_config=hf_dir / "config.json")
-    if src.problems:
-        raise StepconvError(src.problems[0])
-    args = src.args
-    lay = layout or src.layout
+    srcs = []
+    for d in mcore_dirs:
+        src = plan_export(d, iteration=iteration, hf_config=hf_dir / "config.json")
+        if src.problems:
+            raise StepconvError(src.problems[0])
+        srcs.append(src)
+    args = srcs[0].args
+    lay = layout or srcs[0].layout
     cfg.validate_parallel(lay.tp_size, 1, lay.ep_size)
     tp, ep = lay.tp_size, lay.ep_size
     first, last = parse_layers(layers, cfg.num_layers)
@@ -300,11 +311,13 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
         ids = make_input_ids(cfg.vocab, batch, seq_len, seed)
     batch, seq_len = ids.shape
 
-    if src.format == "torch" and (src.layout.tp_size, src.layout.ep_size) == (tp, ep):
-        keys = [e.key for e in src.entries if e.stage == src.layout.pp_size - 1 and e.kind.megatron]
-        weights = RankFileWeights(src.source.path, cfg.raw, src.layout, src.spec, detect_mtp_block(keys))
-    else:
-        weights = ResplitWeights(mcore_dir, iteration, hf_dir / "config.json", tp, ep)
+    weights = []
+    for d, src in zip(mcore_dirs, srcs):
+        if src.format == "torch" and (src.layout.tp_size, src.layout.ep_size) == (tp, ep):
+            keys = [e.key for e in src.entries if e.stage == src.layout.pp_size - 1 and e.kind.megatron]
+            weights.append(RankFileWeights(src.source.path, cfg.raw, src.layout, src.spec, detect_mtp_block(keys)))
+        else:
+            weights.append(ResplitWeights(Path(d), iteration, hf_dir / "config.json", tp, ep))
     exchange = Path(tempfile.mkdtemp(prefix="stepconv_verify_"))
     pieces = 1 + (last - first) + (1 + cfg.num_mtp if full else 0)
     job = StreamJob(cfg.raw, weights, torch_dtype, window_convention, str(exchange), first, last, full)
@@ -325,7 +338,7 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
                     tick(f"Megatron {_progress(exchange)}/{pieces}")
                 _put(exchange, tag, tensors)
                 put += 1
-                tick(tag.replace("_", " "))
+                tick(f"HF {tag.replace('_', ' ')}")
 
             t1 = time.time()
             ref = StreamedReference(hf_dir, dtype=torch_dtype, device="cuda" if device == "cuda" else "cpu")
@@ -335,19 +348,21 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
             for i in range(first, last):
                 t1 = time.time()
                 tr = ref.layer(i, h)
-                hf_seconds[f"layer {i}"] = time.time() - t1
+                hf_seconds[f"layer_{i}"] = time.time() - t1
                 extra = {"x": tr.x, "idx": tr.idx, "slots": tr.slots} if tr.idx is not None else {}
                 hand_over(f"layer_{i}", {"in": h, "mid": tr.mid, "out": tr.out, **extra})
                 h = tr.out
                 del tr, extra
             mtp_logits = []
             if full:
+                t1 = time.time()
                 hand_over("final", {"h": h, "logits": ref.final(h)})
+                hf_seconds["final"] = time.time() - t1
                 hk = h
                 for k in range(cfg.num_mtp):
                     t1 = time.time()
                     z, lg = ref.mtp(k, hk)
-                    hf_seconds[f"MTP {k}"] = time.time() - t1
+                    hf_seconds[f"mtp_{k}"] = time.time() - t1
                     hand_over(f"mtp_{k}", {"in": hk, "out": z})
                     mtp_logits.append(lg.cpu())
                     hk = z
@@ -360,34 +375,39 @@ def verify(hf_dir: str | os.PathLike, mcore_dir: str | os.PathLike, *, dtype: st
         group.stop()
         shutil.rmtree(exchange, ignore_errors=True)
 
-    lead = results[0]
-    rows, failures, first_bad = lead["rows"], [], None
-    for r in rows:
-        if r["index"] is not None and r["name"].startswith("layer"):
-            r["hf_seconds"] = hf_seconds.get(r["name"])
-        r["failures"] = row_failures(r, dtype)
-        if r["failures"]:
-            failures.append(f"{r['name']}: {r['failures'][0]}")
-            if first_bad is None and r["index"] is not None:
-                first_bad = r["index"]
-    mtp = []
-    if full:
-        failures += _logit_failures(lead["head"], dtype, "head (teacher-forced)")
-        if dtype == "fp32":  # bf16 chains drift by design (docs/VERIFY.md): reported, gated per layer instead
-            failures += _logit_failures(lead["logits"], dtype, "logits")
-        for k, normed in enumerate(lead["mtp_normed"]):
-            mtp.append(compare_logits(mtp_logits[k], ref.mtp_logits(k, normed).cpu()))
-            if dtype == "fp32":
-                failures += _logit_failures(mtp[-1], dtype, f"MTP {k}")
-        if len(mtp) != cfg.num_mtp:
-            failures.append(f"MTP: compared {len(mtp)} of {cfg.num_mtp} layers")
-    report = VerifyReport(str(hf_dir), str(mcore_dir), f"TP={tp} EP={ep}", dtype, device, window_convention, batch,
-                          seq_len, (first, last), rows, first_bad, lead.get("logits"), lead.get("head"), mtp,
-                          passed=not failures, failures=failures,
-                          timings={"hf_s": t_hf, "total_s": time.time() - t0},
-                          peak_rss_mib={"reference": _peak_rss_mib(), "ranks": [r["peak_rss_mib"] for r in results]})
-    report.seconds = time.time() - t0
-    return report
+    mc_seconds = results[0]["seconds"]
+    rss = {"reference": _peak_rss_mib(), "ranks": [r["peak_rss_mib"] for r in results]}
+    reports = []
+    for d, lead in zip(mcore_dirs, results[0]["sources"]):
+        rows, failures, first_bad = lead["rows"], [], None
+        for r in rows:
+            tag = "start" if r["index"] is None else (f"layer_{r['index']}" if r["index"] < cfg.num_layers
+                                                      else f"mtp_{r['index'] - cfg.num_layers}")
+            r["hf_seconds"], r["megatron_seconds"] = hf_seconds.get(tag), mc_seconds.get(tag)
+            r["failures"] = row_failures(r, dtype)
+            if r["failures"]:
+                failures.append(f"{r['name']}: {r['failures'][0]}")
+                if first_bad is None and r["index"] is not None:
+                    first_bad = r["index"]
+        mtp = []
+        if full:
+            failures += _logit_failures(lead["head"], dtype, "head (teacher-forced)")
+            if dtype == "fp32":  # bf16 chains drift by design (docs/VERIFY.md): reported, gated per layer instead
+                failures += _logit_failures(lead["logits"], dtype, "logits")
+            for k, normed in enumerate(lead["mtp_normed"]):
+                mtp.append(compare_logits(mtp_logits[k], ref.mtp_logits(k, normed).cpu()))
+                if dtype == "fp32":
+                    failures += _logit_failures(mtp[-1], dtype, f"MTP {k}")
+            if len(mtp) != cfg.num_mtp:
+                failures.append(f"MTP: compared {len(mtp)} of {cfg.num_mtp} layers")
+        rep = VerifyReport(str(hf_dir), str(d), f"TP={tp} EP={ep}", dtype, device, window_convention, batch, seq_len,
+                           (first, last), rows, first_bad, lead.get("logits"), lead.get("head"), mtp,
+                           passed=not failures, failures=failures,
+                           timings={"hf_s": t_hf, "total_s": time.time() - t0, "hf_pieces_s": hf_seconds,
+                                    "megatron_pieces_s": mc_seconds}, peak_rss_mib=rss)
+        rep.seconds = time.time() - t0
+        reports.append(rep)
+    return reports
 
 
 def _peak_rss_mib() -> float:

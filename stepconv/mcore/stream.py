@@ -220,10 +220,11 @@ def build_output(cfg: Step35Config, config):
 
 
 class StreamJob:
-    """What every rank of a streamed verify run needs (picklable): the config, the weights, the exchange folder
-    where the caller leaves the HF side's per-piece files (``hf_<tag>.pt``), and which pieces to run."""
+    """What every rank of a streamed verify run needs (picklable): the config, one weights source per checkpoint
+    checked against the same HF pass, the exchange folder where the caller leaves the HF side's per-piece files
+    (``hf_<tag>.pt``), and which pieces to run."""
 
-    def __init__(self, cfg: dict, weights, dtype: torch.dtype, window_convention: str, exchange: str,
+    def __init__(self, cfg: dict, weights: list, dtype: torch.dtype, window_convention: str, exchange: str,
                  first: int, last: int, full: bool):
         self.cfg, self.weights, self.dtype, self.window_convention = cfg, weights, dtype, window_convention
         self.exchange, self.first, self.last, self.full = exchange, first, last, full
@@ -250,9 +251,10 @@ def _forced_routed(moe, x: torch.Tensor, routing_map: torch.Tensor) -> torch.Ten
 
 
 def stream_rank(job: StreamJob) -> dict:
-    """One rank of a streamed verify (see ``stepconv.verify``). Rank 0 compares and returns the per-piece
-    metrics; every rank returns its peak RSS."""
+    """One rank of a streamed verify (see ``stepconv.verify``). Rank 0 compares and returns, per weights source,
+    the per-piece metrics; every rank returns its peak RSS and seconds per piece."""
     import resource
+    import time
 
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
@@ -264,26 +266,26 @@ def stream_rank(job: StreamJob) -> dict:
     lead = dist.get_rank() == 0
     dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     cfg = Step35Config.from_dict(job.cfg)
-    L, dtype = cfg.num_layers, job.dtype
+    L, dtype, n_src = cfg.num_layers, job.dtype, len(job.weights)
     config = piece_config(cfg, dtype)
     ex = Path(job.exchange)
-    rows: list[dict] = []
+    outs: list[dict] = [{"rows": [], "mtp_normed": []} for _ in job.weights]
+    seconds: dict[str, float] = {}
     done = [0]
 
-    def finished(tag: str | None = None) -> None:
+    def finished(tag: str, t0: float) -> None:
         dist.barrier()
         done[0] += 1
+        seconds[tag] = time.perf_counter() - t0
         if lead:
-            if tag is not None:
-                (ex / f"hf_{tag}.pt").unlink(missing_ok=True)
+            (ex / f"hf_{tag}.pt").unlink(missing_ok=True)
             tmp = ex / "progress.tmp"
             tmp.write_text(str(done[0]))
             tmp.replace(ex / "progress")
 
-    def load(module, piece):
-        module = module.to(dev) if module is not None else module
-        load_piece(module, job.weights(piece, tp_rank, ep_rank), piece_name(piece, L))
-        job.weights.release()
+    def load(module, piece, s: int):
+        load_piece(module, job.weights[s](piece, tp_rank, ep_rank), piece_name(piece, L))
+        job.weights[s].release()
         return module.eval()
 
     def sb(x: torch.Tensor) -> torch.Tensor:  # [B, S, H] (HF) -> [S, B, H] (megatron) on this rank's device
@@ -292,89 +294,98 @@ def stream_rank(job: StreamJob) -> dict:
     def bs(x: torch.Tensor) -> torch.Tensor:
         return x.transpose(0, 1).cpu()
 
+    t0 = time.perf_counter()
     start = _wait_for(job, "start")
     ids = start["ids"].to(dev)
     bsz, seq = ids.shape
     pos = torch.arange(seq, device=dev).unsqueeze(0).expand(bsz, -1)
-    emb = load(build_embedding(cfg, config), ("embedding", "first"))
-    m = emb(input_ids=ids, position_ids=pos)
-    if lead:
-        rows.append({"name": "embedding", "index": None, "chain": diff_stats(start["h"], bs(m), None)})
-    if job.first > 0:
-        m = sb(start["h"])  # a slice: both sides start from the same input
-    del emb
-    finished("start")
+    chains = []  # each source's free-running hidden state
+    for s in range(n_src):
+        emb = load(build_embedding(cfg, config), ("embedding", "first"), s)
+        m = emb(input_ids=ids, position_ids=pos)
+        if lead:
+            outs[s]["rows"].append({"name": "embedding", "index": None, "chain": diff_stats(start["h"], bs(m), None)})
+        chains.append(sb(start["h"]) if job.first > 0 else m)  # a slice: both sides start from the same input
+        del emb
+    finished("start", t0)
 
     for i in range(job.first, job.last):
+        t0 = time.perf_counter()
         f = _wait_for(job, f"layer_{i}")
-        layer = load(build_layer(cfg, config, i, job.window_convention), ("layer", i))
         h_in, mid = sb(f["in"]), sb(f["mid"])
-        r_m, _ = layer._forward_attention(hidden_states=h_in, attention_mask=None)
-        o_tf = layer._forward_mlp(r_m)
-        o_mlp = layer._forward_mlp(mid)
-        m, _ = layer(hidden_states=m, attention_mask=None)
-        row = {"name": f"layer {i}", "index": i, "moe": cfg.is_moe(i)}
-        if cfg.is_moe(i):
-            moe = layer.mlp
-            x = f["x"].reshape(-1, 1, f["x"].shape[-1]).to(dev)  # tokens in HF's (batch, position) order
-            idx = f["idx"].to(dev)
-            _, routing_map = moe.route(x)
-            hf_map = torch.zeros_like(routing_map).scatter_(1, idx, True)
-            row["router_agreement"] = (routing_map == hf_map).all(-1).double().mean().item()
-            slots = []
-            for j in range(idx.shape[1]):
-                one = torch.zeros_like(routing_map).scatter_(1, idx[:, j:j + 1], True)
-                slots.append(_forced_routed(moe, x, one).reshape(-1, x.shape[-1]).cpu())
+        for s in range(n_src):
+            layer = load(build_layer(cfg, config, i, job.window_convention), ("layer", i), s)
+            r_m, _ = layer._forward_attention(hidden_states=h_in, attention_mask=None)
+            o_tf = layer._forward_mlp(r_m)
+            o_mlp = layer._forward_mlp(mid)
+            chains[s], _ = layer(hidden_states=chains[s], attention_mask=None)
+            row = {"name": f"layer {i}", "index": i, "moe": cfg.is_moe(i)}
+            if cfg.is_moe(i):
+                moe = layer.mlp
+                x = f["x"].reshape(-1, 1, f["x"].shape[-1]).to(dev)  # tokens in HF's (batch, position) order
+                idx = f["idx"].to(dev)
+                _, routing_map = moe.route(x)
+                hf_map = torch.zeros_like(routing_map).scatter_(1, idx, True)
+                row["router_agreement"] = (routing_map == hf_map).all(-1).double().mean().item()
+                slots = []
+                for j in range(idx.shape[1]):
+                    one = torch.zeros_like(routing_map).scatter_(1, idx[:, j:j + 1], True)
+                    slots.append(_forced_routed(moe, x, one).reshape(-1, x.shape[-1]).cpu())
+                if lead:
+                    row["expert"] = expert_stats(f["slots"], slots, f["idx"])
+                del slots, x
             if lead:
-                row["expert"] = expert_stats(f["slots"], slots, f["idx"])
-        if lead:
-            f_in, f_mid, f_out = f["in"], f["mid"], f["out"]
-            row["attn"] = diff_stats(f_mid, bs(r_m), f_in)
-            row["mlp"] = diff_stats(f_out, bs(o_mlp), f_mid)
-            row["layer"] = diff_stats(f_out, bs(o_tf), f_in)
-            row["chain"] = diff_stats(f_out, bs(m), None)
-            rows.append(row)
-        del layer, f, h_in, mid, r_m, o_tf, o_mlp
-        finished(f"layer_{i}")
+                row["attn"] = diff_stats(f["mid"], bs(r_m), f["in"])
+                row["mlp"] = diff_stats(f["out"], bs(o_mlp), f["mid"])
+                row["layer"] = diff_stats(f["out"], bs(o_tf), f["in"])
+                row["chain"] = diff_stats(f["out"], bs(chains[s]), None)
+                outs[s]["rows"].append(row)
+            del layer, r_m, o_tf, o_mlp
+        del f, h_in, mid
+        finished(f"layer_{i}", t0)
 
-    out: dict = {"rows": rows, "mtp_normed": []}
     if job.full:
+        t0 = time.perf_counter()
         f = _wait_for(job, "final")
-        norm, head = load(build_norm(config), ("norm",)), load(build_output(cfg, config), ("output",))
         V = cfg.vocab
-        logits_fr = bs(head(norm(m))[0])[..., :V]
-        logits_tf = bs(head(norm(sb(f["h"])))[0])[..., :V]
-        if lead:
-            out["logits"] = compare_logits(f["logits"], logits_fr)
-            out["head"] = compare_logits(f["logits"], logits_tf)
-        del norm, head, logits_fr, logits_tf, f
-        finished("final")
-        if cfg.num_mtp:
-            emb = load(build_embedding(cfg, config), ("embedding", "mtp"))
-            mtp_ids, mtp_pos = ids, pos
-            chain = m
-            for k in range(cfg.num_mtp):
-                f = _wait_for(job, f"mtp_{k}")
-                layer = load(build_mtp_layer(cfg, config, k, job.window_convention), ("layer", L + k))
+        for s in range(n_src):
+            norm, head = load(build_norm(config), ("norm",), s), load(build_output(cfg, config), ("output",), s)
+            logits_fr = bs(head(norm(chains[s]))[0])[..., :V]
+            logits_tf = bs(head(norm(sb(f["h"])))[0])[..., :V]
+            if lead:
+                outs[s]["logits"] = compare_logits(f["logits"], logits_fr)
+                outs[s]["head"] = compare_logits(f["logits"], logits_tf)
+            del norm, head, logits_fr, logits_tf
+        del f
+        finished("final", t0)
+        mtp_ids = [(ids, pos)] * n_src
+        for k in range(cfg.num_mtp):
+            t0 = time.perf_counter()
+            f = _wait_for(job, f"mtp_{k}")
+            h_hf = torch.zeros(bsz, seq, cfg.hidden, dtype=f["in"].dtype)
+            h_hf[:, :f["in"].shape[1]] = f["in"]  # (positions past the input are never read by earlier ones)
+            n = f["out"].shape[1]
+            for s in range(n_src):
+                emb = load(build_embedding(cfg, config), ("embedding", "mtp"), s)
+                layer = load(build_mtp_layer(cfg, config, k, job.window_convention), ("layer", L + k), s)
                 seen = {}
                 hook = layer.final_layernorm.register_forward_pre_hook(lambda _m, a: seen.update(pre=a[0]))
-                h_hf = torch.zeros(bsz, seq, cfg.hidden, dtype=f["in"].dtype)
-                h_hf[:, :f["in"].shape[1]] = f["in"]
-                layer(input_ids=mtp_ids, position_ids=mtp_pos, hidden_states=sb(h_hf), attention_mask=None,
+                ids_k, pos_k = mtp_ids[s]
+                layer(input_ids=ids_k, position_ids=pos_k, hidden_states=sb(h_hf), attention_mask=None,
                       embedding=emb)
                 pre_tf = seen["pre"]
-                post, next_ids, next_pos = layer(input_ids=mtp_ids, position_ids=mtp_pos, hidden_states=chain,
+                post, next_ids, next_pos = layer(input_ids=ids_k, position_ids=pos_k, hidden_states=chains[s],
                                                  attention_mask=None, embedding=emb)
                 hook.remove()
-                chain = seen["pre"]
-                n = f["out"].shape[1]
+                chains[s] = seen["pre"]  # the next MTP layer reads the pre-norm block output, as HF does
+                mtp_ids[s] = (next_ids, next_pos)
                 if lead:
-                    rows.append({"name": f"MTP {k}", "index": L + k, "moe": cfg.is_moe(L + k),
-                                 "layer": diff_stats(f["out"], bs(pre_tf)[:, :n], None),
-                                 "chain": diff_stats(f["out"], bs(chain)[:, :n], None)})
-                    out["mtp_normed"].append(bs(post)[:, :n].clone())
-                mtp_ids, mtp_pos = next_ids, next_pos
-                del layer, f
-                finished(f"mtp_{k}")
-    out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return out
+                    outs[s]["rows"].append({"name": f"MTP {k}", "index": L + k, "moe": cfg.is_moe(L + k),
+                                            "layer": diff_stats(f["out"], bs(pre_tf)[:, :n], None),
+                                            "chain": diff_stats(f["out"], bs(chains[s])[:, :n], None)})
+                    outs[s]["mtp_normed"].append(bs(post)[:, :n].clone())
+                del layer, emb
+            del f
+            finished(f"mtp_{k}", t0)
+    return {"sources": outs if lead else None, "seconds": seconds,
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
