@@ -129,8 +129,13 @@ def reshard_cmd(
 def verify_cmd(
     hf_dir: Path = typer.Argument(..., help="The HF Step-3.5-Flash folder (the reference)."),
     mcore_dir: Path = typer.Argument(..., help="The Megatron checkpoint converted from it."),
-    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (gate: max|logit diff| <= 1e-4, top-1 100%) or bf16 "
-                                                       "(gate: cosine >= 0.999, top-1 >= 99%)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="fp32 (checks the conversion; bf16 weights upcast exactly) or bf16 "
+                                                       "(checks bf16 runtime numerics; per-layer gates, docs/VERIFY.md)."),
+    device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (one GPU per TP x EP rank; the HF side on "
+                                                                "GPU 0) [default: cuda when there are enough GPUs]."),
+    layers: Optional[str] = typer.Option(None, "--layers", help="Check main layers A..B-1 only, e.g. 40:45 (both sides "
+                                                                "start from the HF embeddings; head and MTP need B = "
+                                                                "num_hidden_layers)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence [default: 2 x sliding_window + 8, "
                                                                   "so the window is exercised]."),
     batch: Optional[int] = typer.Option(None, "--batch", help="Sequences [default: enough for 256 positions, min 2]."),
@@ -140,19 +145,23 @@ def verify_cmd(
     iteration: Optional[str] = typer.Option(None, "--iteration", help="Megatron iteration or 'release' [default: latest]."),
     window: Optional[str] = typer.Option(None, "--window-convention", help="Override the checkpoint's sliding-window "
                                                                            "convention: hf or megatron."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Use the folder's own modeling_step3p5.py "
-                                                                              "as the HF reference."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the full report as JSON here."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Not supported by the streamed verify "
+                                                                              "(see docs/VERIFY.md)."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the full report (per-layer table "
+                                                                  "included) as JSON here."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Run the Megatron side at this TP [default: the checkpoint's]."),
-    pp: Optional[int] = typer.Option(None, "--pp", help="... at this PP [default: the checkpoint's]."),
-    ep: Optional[int] = typer.Option(None, "--ep", help="... at this EP [default: the checkpoint's]."),
+    ep: Optional[int] = typer.Option(None, "--ep", help="... at this EP [default: the checkpoint's]. (Layers run one "
+                                                        "at a time, so there is no pipeline split to choose.)"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Logit parity: the HF model vs the Megatron model (real megatron-core, TP x PP x EP processes).
+    """Parity of the HF model and the Megatron model (real megatron-core, TP x EP processes), one layer at a time.
 
-    Reports max/mean |logit diff|, cosine, KL(HF || Megatron), top-1/top-5 agreement, per-layer hidden-state
-    divergence and the MTP heads; exit 0 on pass, 1 on fail.
+    Each side holds one layer in memory. Per layer, teacher-forced (the Megatron layer gets the HF layer's input):
+    max/mean relative difference and cosine of attention, MLP and layer updates; on MoE layers the router agreement
+    and each expert's output under identical routing. Then the free-running chain to the logits and MTP heads
+    (max/mean |d|, cosine, KL, top-1/5). Exit 0 on pass, 1 on fail (naming the first divergent layer).
 
-    Example: stepconv verify Step-3.5-Flash/ Step-3.5-Flash-mcore/ --dtype bf16 --json verify.json
+    Example: stepconv verify Step-3.5-Flash/ Step-3.5-Flash-mcore/ --device cuda --json verify.json
     """
     import os
     import warnings
@@ -163,14 +172,15 @@ def verify_cmd(
 
     try:
         layout = None
-        if (tp, pp, ep) != (None, None, None):
+        if (tp, ep) != (None, None):
             from .convert import plan_export
             from .mapping import Layout
 
             rec = plan_export(mcore_dir, iteration=iteration, hf_config=hf_dir / "config.json").layout
-            layout = Layout(tp or rec.tp_size, pp or rec.pp_size, ep or rec.ep_size)
+            layout = Layout(tp or rec.tp_size, 1, ep or rec.ep_size)
         r = verify(hf_dir, mcore_dir, dtype=dtype, batch=batch, seq_len=seq_len, prompt_file=prompt_file, seed=seed,
-                   iteration=iteration, trust_remote_code=trust_remote_code, window_convention=window, layout=layout)
+                   iteration=iteration, trust_remote_code=trust_remote_code, window_convention=window, layout=layout,
+                   device=device, layers=layers, quiet=quiet)
     except StepconvError as e:
         _fail(e)
     typer.echo(r.table())

@@ -1,44 +1,37 @@
-"""verify passes on correct conversions and fails on broken ones (a verify that passes these is broken)."""
+"""verify passes on correct conversions and fails, naming the layer, on broken ones (a verify that passes these is
+broken). Each world of rank processes checks several checkpoints against one HF pass (verify_many): gloo worlds
+are what costs time here."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from stepconv.convert import hf_to_mcore
+from stepconv.config import StepconvError
+from stepconv.convert import hf_to_mcore, reshard
+from stepconv.mapping import Layout
 from stepconv.megatron_io import load_rank_file
-from stepconv.verify import compare_logits, verify
+from stepconv.verify import compare_logits, parse_layers, pick_device, verify, verify_many
 
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory, fixture_dir):
     root = tmp_path_factory.mktemp("verify")
     out = {}
-    for tp, pp, ep, spec in [(1, 1, 1, "te"), (2, 1, 1, "local"), (4, 1, 1, "te"), (2, 2, 2, "local")]:
+    for tp, pp, ep, spec in [(2, 1, 1, "local"), (2, 2, 2, "te")]:
         d = root / f"tp{tp}pp{pp}ep{ep}"
         hf_to_mcore(fixture_dir, d, tp=tp, pp=pp, ep=ep, spec=spec)
         out[(tp, pp, ep)] = d
+    out["dist"] = root / "dist"
+    reshard(out[(2, 1, 1)], out["dist"], format="torch_dist")
     return out
 
 
-@pytest.mark.parametrize("layout", [(1, 1, 1), (2, 1, 1), (4, 1, 1), (2, 2, 2)])
-@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_verify_passes(converted, fixture_dir, layout, dtype):
-    r = verify(fixture_dir, converted[layout], dtype=dtype)
-    print(r.table())
-    assert r.passed, r.failures
-    assert r.seq_len > 2 * 8  # longer than twice the sliding window
-    assert len(r.mtp) == 1 and r.first_divergent_layer is None
-    if dtype == "fp32":
-        assert r.logits.max_abs <= 1e-4 and r.logits.top1 == 1.0
-
-
 def _corrupt(src, dst, edit):
-    """Copy a converted checkpoint, then apply edit(models: {(tp, pp, ep): state_dict}) and save."""
-    import shutil
-
+    """Copy a converted checkpoint, then apply edit(models: {tp_rank: state_dict}) and save."""
     shutil.copytree(src, dst)
     files = {}
     for f in sorted((dst / "release").glob("mp_rank_*/model_optim_rng.pt")):
@@ -53,6 +46,7 @@ def _corrupt(src, dst, edit):
 
 
 QKV = "decoder.layers.1.self_attention.linear_qkv.weight"  # a sliding layer: 12 heads, 4 groups, head_dim 16
+EXPERT = "decoder.layers.3.mlp.experts.local_experts.5.linear_fc2.weight"  # the last layer is MoE
 
 
 def swap_gate_rows_between_ranks(m):
@@ -76,37 +70,87 @@ def shift_a_norm_by_one(m):
         sd["decoder.layers.1.input_layernorm.weight"] += 1  # the zero-centred weight applied as 1+w
 
 
-@pytest.mark.parametrize("edit", [swap_gate_rows_between_ranks, zero_one_gate_row, swap_q_and_k_rows_in_a_group,
-                                  shift_a_norm_by_one])
-def test_verify_fails_on_broken_checkpoints(converted, fixture_dir, tmp_path, edit):
-    bad = _corrupt(converted[(2, 1, 1)], tmp_path / "bad", edit)
-    r = verify(fixture_dir, bad, dtype="fp32")
+def scale_one_expert_of_the_last_layer(m):
+    for sd in m.values():  # (a row-parallel weight: each TP rank holds a slice of expert 5's down projection)
+        sd[EXPERT] *= 1.05
+
+
+CONTROLS = {e.__name__: (e, layer) for e, layer in [
+    (swap_gate_rows_between_ranks, 1), (zero_one_gate_row, 1), (swap_q_and_k_rows_in_a_group, 1),
+    (shift_a_norm_by_one, 1), (scale_one_expert_of_the_last_layer, 3)]}
+
+
+@pytest.fixture(scope="module")
+def controls(converted, tmp_path_factory):
+    root = tmp_path_factory.mktemp("controls")
+    return {name: _corrupt(converted[(2, 1, 1)], root / name, edit) for name, (edit, _) in CONTROLS.items()}
+
+
+def _check_pass(r, dtype):
     print(r.table())
-    assert not r.passed
-    assert r.first_divergent_layer == 1  # the per-layer comparison points at the broken layer
+    assert r.passed, r.failures
+    assert r.first_divergent_layer is None and len(r.mtp) == 1
+    assert [row["name"] for row in r.layers] == ["embedding", "layer 0", "layer 1", "layer 2", "layer 3", "MTP 0"]
+    moe = [row for row in r.layers if row.get("moe") and "expert" in row]
+    assert len(moe) == 2 and all(row["router_agreement"] == 1.0 and row["expert"]["experts_seen"] == 16
+                                 for row in moe)
+    if dtype == "fp32":
+        assert r.logits.max_abs <= 1e-4 and r.logits.top1 == 1.0 and r.head.max_abs <= 1e-4
 
 
 @pytest.mark.slow
-def test_cli_verify_json_and_exit_codes(converted, fixture_dir, tmp_path):
-    out = tmp_path / "r.json"
-    p = subprocess.run([sys.executable, "-m", "stepconv.cli", "verify", str(fixture_dir), str(converted[(4, 1, 1)]),
-                        "--json", str(out)], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr
-    assert "PASS" in p.stdout and "KL" in p.stdout and "top-5" in p.stdout
-    rep = json.loads(out.read_text())
-    assert rep["passed"] and rep["layout"] == "TP=4 PP=1 EP=1" and rep["window_convention"] == "hf"
-    assert len(rep["layers"]) == 4 + 1 + 1  # embedding, 4 layers, 1 MTP
-    bad = _corrupt(converted[(2, 1, 1)], tmp_path / "bad", zero_one_gate_row)
-    p = subprocess.run([sys.executable, "-m", "stepconv.cli", "verify", str(fixture_dir), str(bad)],
-                       capture_output=True, text=True)
-    assert p.returncode == 1 and "FAIL" in p.stdout
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_exact_conversions_pass_and_each_control_fails_at_its_layer(converted, controls, fixture_dir, dtype):
+    """fp32: TP=2 at its own layout, TE/PP=2/EP=2 and torch_dist resplit to it. bf16: the TE/PP=2/EP=2 rank files
+    read directly (TP=2 EP=2 world), the controls resplit to that layout."""
+    if dtype == "fp32":
+        good = [converted[(2, 1, 1)], converted[(2, 2, 2)], converted["dist"]]
+        layout = None
+    else:
+        good, layout = [converted[(2, 2, 2)]], Layout(2, 1, 2)
+    reports = verify_many(fixture_dir, good + list(controls.values()), dtype=dtype, layout=layout)
+    for r in reports[:len(good)]:
+        _check_pass(r, dtype)
+    for (name, (_, layer)), r in zip(CONTROLS.items(), reports[len(good):]):
+        print(name, r.failures)
+        assert not r.passed and r.first_divergent_layer == layer, (name, r.failures)
+        assert all(f.startswith(f"layer {layer}:") for f in r.failures if f.startswith("layer")), r.failures
+    expert_row = reports[-1].layers[4]
+    assert expert_row["expert"]["worst_expert"] == 5 and 0.04 < expert_row["expert"]["max_rel"] < 0.06
 
 
-def test_prompt_file(converted, fixture_dir, tmp_path):
+def test_slice_prompt_file_and_json(converted, fixture_dir, tmp_path):
     f = tmp_path / "ids.txt"
     f.write_text("\n".join(" ".join(str((7 * i + j) % 1100) for j in range(20)) for i in range(3)) + "\n")
-    r = verify(fixture_dir, converted[(1, 1, 1)], prompt_file=f)
-    assert r.passed and (r.batch, r.seq_len) == (3, 20)
+    r = verify(fixture_dir, converted[(2, 1, 1)], prompt_file=f, layers="2:3", layout=Layout(1, 1, 1))
+    assert r.passed and (r.batch, r.seq_len) == (3, 20) and r.layer_range == (2, 3)
+    assert [row["name"] for row in r.layers] == ["embedding", "layer 2"] and r.logits is None and not r.mtp
+    d = json.loads(json.dumps(r.to_dict()))
+    assert d["passed"] and d["first_divergent_layer"] is None and d["layers"][1]["expert"]["experts_seen"] >= 12
+
+
+def test_parse_layers_and_device_errors():
+    assert parse_layers(None, 45) == (0, 45) and parse_layers("40:", 45) == (40, 45) and parse_layers(":3", 45) == (0, 3)
+    for bad in ("3", "5:2", "0:46", "a:b"):
+        with pytest.raises(StepconvError, match="--layers"):
+            parse_layers(bad, 45)
+    with pytest.raises(StepconvError, match=r"--device cuda needs 2 GPU\(s\).*visible"):
+        pick_device("cuda", 2 + (torch.cuda.device_count() if torch.cuda.is_available() else 0))
+    with pytest.raises(StepconvError, match="--device must be cpu or cuda"):
+        pick_device("tpu", 1)
+
+
+@pytest.mark.slow
+def test_cli_names_the_broken_layer(controls, fixture_dir, tmp_path):
+    out = tmp_path / "r.json"
+    p = subprocess.run([sys.executable, "-m", "stepconv.cli", "verify", str(fixture_dir),
+                        str(controls["shift_a_norm_by_one"]), "--layers", "0:2", "--json", str(out), "--quiet"],
+                       capture_output=True, text=True)
+    assert p.returncode == 1 and "FAIL: layer 1:" in p.stdout and "Traceback" not in p.stderr, p.stderr
+    rep = json.loads(out.read_text())
+    assert rep["passed"] is False and rep["first_divergent_layer"] == 1 and rep["layout"] == "TP=2 EP=1"
+    assert [row["name"] for row in rep["layers"]] == ["embedding", "layer 0", "layer 1"]
+    assert rep["layers"][2]["failures"] and not rep["layers"][1]["failures"]
 
 
 def test_compare_logits_metrics():
@@ -116,3 +160,6 @@ def test_compare_logits_metrics():
     b = a.flip(-1)
     m = compare_logits(a, b)
     assert m.top1 == 0 and m.kl > 0 and m.max_abs == 5
+    x, y = torch.randn(130, 7), torch.randn(130, 7)  # chunked (64 rows at a time) == all at once
+    c, w = compare_logits(x, y), compare_logits(x, y, rows=1000)
+    assert all(abs(getattr(c, k) - getattr(w, k)) < 1e-9 for k in ("max_abs", "mean_abs", "cosine", "kl", "top1"))
