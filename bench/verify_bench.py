@@ -13,6 +13,10 @@
    teacher-forced numbers and seconds per dense and MoE layer on each side; then the full 45 + 3 MTP layer time
    extrapolated from them (the HF and Megatron sides overlap, so a layer costs the slower of the two).
    Results go to OUT/verify_bench.json.
+4. `--controls DEVICE:DTYPE`: also checks, against the same HF pass as the exact TP=2 conversion, a copy of it with
+   two independent one-detail bugs, each in its own layer: one head's gate row zeroed in layer 1 (TP rank 1) and
+   routed expert 5 of the last MoE layer scaled by 1.05 (its down projection, both ranks). Teacher forcing keeps
+   them apart: each shows only in its own layer's row. The rows go to OUT/verify_controls.json.
 """
 
 from __future__ import annotations
@@ -97,6 +101,38 @@ def summarize(rep, cfg: dict) -> dict:
                                              "hf_seconds", "megatron_seconds")} for r in rows]}
 
 
+def controls(hf: Path, good: Path, out: Path, cfg: dict, device: str, dtype: str, seq_len=None) -> None:
+    from stepconv.convert import hf_to_mcore
+    from stepconv.megatron_io import load_rank_file
+    from stepconv.verify import verify_many
+
+    if not good.exists():
+        hf_to_mcore(hf, good, tp=2, spec="local")
+    bad = out / "tp2-controls"
+    shutil.rmtree(bad, ignore_errors=True)
+    shutil.copytree(good, bad)
+    last_moe = max(int(x) for x in cfg["moe_layers_enum"].split(","))
+    for f in sorted((bad / "release").glob("mp_rank_*/model_optim_rng.pt")):
+        obj = load_rank_file(f)
+        # (every tensor copied out of the mapped file before the file is rewritten)
+        model = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in obj["model"].items()}
+        rank = int(f.parent.name.split("_")[2])
+        if rank == 1:
+            model["decoder.layers.1.self_attention.linear_qkv.weight"][-2] = 0  # one head's gate row on this rank
+        fc2 = f"decoder.layers.{last_moe}.mlp.experts.local_experts.5.linear_fc2.weight"
+        model[fc2] = model[fc2] * 1.05
+        obj["model"] = model
+        torch.save(obj, f)
+    reps = verify_many(hf, [good, bad], dtype=dtype, device=device, seq_len=seq_len)
+    rows = []
+    for rep in reps:
+        print(rep.table(), flush=True)
+        rows.append({"checkpoint": Path(rep.mcore_dir).name, "passed": rep.passed, "failures": rep.failures,
+                     "first_divergent_layer": rep.first_divergent_layer, "rows": summarize(rep, cfg)["rows"]})
+    (out / "verify_controls.json").write_text(json.dumps(rows, indent=1, default=str) + "\n")
+    shutil.rmtree(bad, ignore_errors=True)
+
+
 def main(argv=None) -> int:
     from stepconv.convert import hf_to_mcore
     from stepconv.mapping import Layout
@@ -110,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--mtp", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--runs", default="cuda:tp2:fp32,cuda:tp1ep2:fp32,cuda:tp2:bf16,cuda:tp1ep2:bf16,cpu:tp2:fp32")
+    ap.add_argument("--controls", default=None, help="DEVICE:DTYPE, e.g. cuda:bf16")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -137,6 +174,8 @@ def main(argv=None) -> int:
         print(json.dumps({k: s[k] for k in ("run", "passed", "seconds", "per_layer_s", "full_model_estimate_s",
                                             "worst", "expert_max_rel")}, indent=1), flush=True)
         (out / "verify_bench.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
+    if a.controls:
+        controls(hf, dirs["tp2"][0], out, cfg, *a.controls.split(":"), seq_len=a.seq_len)
     if "--keep" not in sys.argv:
         for d, _ in dirs.values():
             shutil.rmtree(d, ignore_errors=True)

@@ -53,8 +53,11 @@ def _rank_entry(rank: int, world: int, tp: int, pp: int, ep: int, port: int, dev
 
         line = str(e).splitlines()[0] if str(e) else ""
         kind = "" if type(e).__name__ == "StepconvError" else f"{type(e).__name__}: "
-        Path(result_dir, f"traceback_{rank:05d}.txt").write_text(traceback.format_exc())
-        Path(result_dir, f"error_{rank:05d}.txt").write_text(f"{kind}{line}")
+        try:
+            Path(result_dir, f"traceback_{rank:05d}.txt").write_text(traceback.format_exc())
+            Path(result_dir, f"error_{rank:05d}.txt").write_text(f"{kind}{line}")
+        except OSError:
+            pass
         sys.stderr.flush()
         os._exit(1)
 
@@ -105,7 +108,9 @@ class RankGroup:
             done = self.ctx.join(timeout=timeout)
         except Exception as e:  # a rank exited non-zero: torch has stopped the others
             self.stop()
-            raise self._failed() or RankError(f"a rank process failed: {str(e).splitlines()[0]}") from None
+            lines = [x for x in str(e).splitlines() if x.strip()]  # (a raised exception's text ends in its message)
+            raise self._failed() or RankError(f"a rank process failed: {lines[-1] if lines else type(e).__name__}",
+                                              str(e)) from None
         err = self._failed()
         if err is not None:
             self.stop()
