@@ -147,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seq-len", type=int, default=None)
     ap.add_argument("--runs", default="cuda:tp2:fp32,cuda:tp1ep2:fp32,cuda:tp2:bf16,cuda:tp1ep2:bf16,cpu:tp2:fp32")
     ap.add_argument("--controls", default=None, help="DEVICE:DTYPE, e.g. cuda:bf16")
+    ap.add_argument("--keep", action="store_true", help="keep the converted checkpoints under OUT")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
         (out / "verify_bench.json").write_text(json.dumps(results, indent=1, default=str) + "\n")
     if a.controls:
         controls(hf, dirs["tp2"][0], out, cfg, *a.controls.split(":"), seq_len=a.seq_len)
-    if "--keep" not in sys.argv:
+    if not a.keep:
         for d, _ in dirs.values():
             shutil.rmtree(d, ignore_errors=True)
     return 0
