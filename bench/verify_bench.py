@@ -148,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", default="cuda:tp2:fp32,cuda:tp1ep2:fp32,cuda:tp2:bf16,cuda:tp1ep2:bf16,cpu:tp2:fp32")
     ap.add_argument("--controls", default=None, help="DEVICE:DTYPE, e.g. cuda:bf16")
     ap.add_argument("--keep", action="store_true", help="keep the converted checkpoints under OUT")
+    ap.add_argument("--verify-layers", default=None, help="verify --layers A:B (e.g. 1:3: no head or MTP)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def main(argv=None) -> int:
             t = time.time()
             hf_to_mcore(hf, d, spec="local", **kw)
             print(f"hf-to-mcore {lay} {time.time() - t:.1f} s", flush=True)
-        rep = verify(hf, d, dtype=dtype, device=device, seq_len=a.seq_len,
+        rep = verify(hf, d, dtype=dtype, device=device, seq_len=a.seq_len, layers=a.verify_layers,
                      layout=Layout(kw.get("tp", 1), 1, kw.get("ep", 1)))
         print(rep.table(), flush=True)
         s = summarize(rep, cfg)
