@@ -345,7 +345,10 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
                 tick(f"HF {tag.replace('_', ' ')}")
 
             t1 = time.time()
-            ref = StreamedReference(hf_dir, dtype=torch_dtype, device="cuda" if device == "cuda" else "cpu")
+            try:
+                ref = StreamedReference(hf_dir, dtype=torch_dtype, device="cuda" if device == "cuda" else "cpu")
+            except (ValueError, NotImplementedError) as e:  # strict-load problems, unsupported configs: one line
+                raise StepconvError(f"{hf_dir}: {str(e).splitlines()[0]}") from None
             h = ref.start(ids)
             hand_over("start", {"ids": ids, "h": h})
             hf_seconds["start"] = time.time() - t1

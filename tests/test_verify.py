@@ -163,3 +163,40 @@ def test_compare_logits_metrics():
     x, y = torch.randn(130, 7), torch.randn(130, 7)  # chunked (64 rows at a time) == all at once
     c, w = compare_logits(x, y), compare_logits(x, y, rows=1000)
     assert all(abs(getattr(c, k) - getattr(w, k)) < 1e-9 for k in ("max_abs", "mean_abs", "cosine", "kl", "top1"))
+
+
+def test_streamed_reference_is_the_whole_model_layer_by_layer_and_strict(fixture_dir, tmp_path):
+    """One layer at a time gives the whole-model reference's numbers bit for bit; a tensor missing from the
+    checkpoint is named before anything runs."""
+    import json as _json
+
+    from safetensors.torch import load_file, save_file
+
+    from stepconv.hf_reference import StreamedReference, load_hf_reference
+    from stepconv.verify import make_input_ids
+
+    ids = make_input_ids(1100, 2, 24, 0)
+    full = load_hf_reference(fixture_dir).forward(ids)
+    ref = StreamedReference(fixture_dir)
+    h = ref.start(ids)
+    assert torch.equal(h, full["hidden_states"][0])
+    for i in range(4):
+        t = ref.layer(i, h)
+        h = t.out
+        assert torch.equal(h, full["hidden_states"][i + 1])
+        assert (t.slots is not None) == (i >= 2)
+    assert torch.equal(ref.final(h), full["logits"])
+    z, logits = ref.mtp(0, h)
+    assert torch.equal(z, full["mtp_hidden"][0]) and torch.equal(logits, full["mtp_logits"][0])
+
+    bad = tmp_path / "bad"
+    shutil.copytree(fixture_dir, bad)
+    index = _json.loads((bad / "model.safetensors.index.json").read_text())
+    name = "model.layers.3.moe.up_proj.weight"
+    shard = index["weight_map"].pop(name)
+    tensors = load_file(str(bad / shard))
+    del tensors[name]
+    save_file(tensors, str(bad / shard), metadata={"format": "pt"})
+    (bad / "model.safetensors.index.json").write_text(_json.dumps(index))
+    with pytest.raises(ValueError, match="layers.3.mlp.experts.gate_up_proj"):
+        StreamedReference(bad)
