@@ -327,9 +327,10 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
     job = StreamJob(cfg.raw, weights, torch_dtype, window_convention, str(exchange), first, last, full)
     hf_seconds: dict[str, float] = {}
     put = 0
-    group = start_ranks(stream_rank, job, tp=tp, pp=1, ep=ep, device=device,
-                        start_method="spawn" if device == "cuda" else "forkserver")
+    group = None
     try:
+        group = start_ranks(stream_rank, job, tp=tp, pp=1, ep=ep, device=device,
+                            start_method="spawn" if device == "cuda" else "forkserver")
         with steps(2 * pieces, "verify", quiet=quiet) as report:
             def tick(what: str) -> None:
                 if report is not None:
@@ -379,7 +380,8 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
         raise StepconvError(f"Megatron side: {e}") from None
     finally:
         (exchange / "abort").touch()
-        group.stop()
+        if group is not None:
+            group.stop()
         shutil.rmtree(exchange, ignore_errors=True)
 
     mc_seconds = results[0]["seconds"]
