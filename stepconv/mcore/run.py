@@ -160,6 +160,10 @@ def start_ranks(fn: Callable, *args: Any, tp: int = 1, pp: int = 1, ep: int = 1,
         threads_per_rank = max(1, (os.cpu_count() or 1) // world)
     env = {"CUDA_VISIBLE_DEVICES": ""} if device == "cpu" and torch.cuda.is_available() else {}
     if start_method == "forkserver":
+        # The fork server is `python -c ...`: its sys.path starts with the working directory, and it ignores the
+        # sys.path multiprocessing hands it, so a `stepconv` folder in the cwd (another checkout) would be what it
+        # preloads and what every rank runs (seen: "No module named stepconv.mcore.stream"). It gets ours instead.
+        env.update(PYTHONPATH=os.pathsep.join(p for p in sys.path if p), PYTHONSAFEPATH="1")
         # (on a CUDA machine the server, if started here, inherits CUDA_VISIBLE_DEVICES="" below)
         import multiprocessing
 
