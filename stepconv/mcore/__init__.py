@@ -6,8 +6,10 @@ Public API (imported lazily, so ``import stepconv.mcore`` does not import megatr
   (``stepconv.mcore.runtime``)
 - ``build_step35_model(hf_config, *, pre_process, post_process, spec="local", params_dtype,
   window_convention="hf")`` -> ``Step35GPTModel`` (a ``GPTModel``) (``stepconv.mcore.model``)
-- ``megatron_forward(loader, hf_config, input_ids, *, tp, pp, ep, ...)`` and ``run_ranks``
+- ``megatron_forward(loader, hf_config, input_ids, *, tp, pp, ep, ...)``, ``run_ranks`` and ``start_ranks``
   (``stepconv.mcore.run``)
+- the model one piece at a time (embedding, a decoder layer, head, an MTP layer) for the streamed verify, with
+  per-piece weights from rank files or any checkpoint (``stepconv.mcore.stream``)
 - rank loaders (checkpoint folder, mapping, callable) in ``stepconv.mcore.ckpt``; per-layer facts, derived
   from ``stepconv.config.Step35Config``, in ``stepconv.mcore.hfconfig``; test oracles (reference forward,
   HF->rank layout) in ``stepconv.mcore.testing``. Rank folder names and iteration folders are
@@ -28,6 +30,7 @@ _EXPORTS = {
     "Step35GPTModel": "model",
     "megatron_forward": "run",
     "run_ranks": "run",
+    "start_ranks": "run",
 }
 
 __all__ = sorted(_EXPORTS)

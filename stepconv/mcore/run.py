@@ -4,7 +4,9 @@
 ``device="cuda"``), builds ``build_step35_model`` for the rank, loads its state dict with
 ``strict=True``, runs one forward (pipeline stages connected by plain p2p send/recv, experts through
 megatron's allgather dispatcher) and gathers logits / per-layer hidden states / MTP outputs on the
-caller. ``run_ranks`` is the generic launcher underneath (also used by the tests).
+caller. ``run_ranks`` is the generic launcher underneath (also used by the tests); ``start_ranks`` starts the
+ranks and returns at once (``RankGroup``), so the caller can work beside them (the streamed verify runs the HF
+side meanwhile). A failing rank reports one line (``RankError``; its traceback in ``RankError.traceback``).
 """
 
 from __future__ import annotations
