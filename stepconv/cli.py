@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .config import StepconvError
+from .errors import report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Step-3.5-Flash checkpoints between Hugging Face and Megatron-Core.\n\n"
@@ -17,8 +18,18 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
 
 
 def _fail(e: BaseException) -> None:
-    typer.echo(f"error: {e}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(report(e))
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="On an error, print the traceback before the one-line "
+                                                            "message (also: STEPCONV_DEBUG=1).")) -> None:
+    """Exit codes: 0 success, 1 verify FAIL / compare differs, 2 bad input, 3 environment (disk full, read-only,
+    permission, out of memory, output locked by another run)."""
+    import os
+
+    if debug:
+        os.environ["STEPCONV_DEBUG"] = "1"  # (inherited by verify's rank processes)
 
 
 @app.command("hf-to-mcore")
@@ -205,7 +216,7 @@ def inspect_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the plan as JSON here."),
 ) -> None:
     """The plan without writing anything: per-rank files with bytes and tensor counts, the HF <-> Megatron name
-    mapping, the estimated peak memory, and every validation error up front (exit 1 if any).
+    mapping, the estimated peak memory, and every validation error up front (exit 2 if any).
 
     Example: stepconv inspect fixtures/step3p5-flash-config.json --tp 8 --ep 8
     """
@@ -221,7 +232,7 @@ def inspect_cmd(
     typer.echo(render(r))
     if json_path:
         json_path.write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
-    raise typer.Exit(0 if r.ok else 1)
+    raise typer.Exit(0 if r.ok else 2)  # (exit 1 is verify's FAIL only)
 
 
 @app.command("compare")
@@ -251,11 +262,15 @@ def compare_cmd(
 
 
 def main() -> None:
+    """The one error boundary: every failure of every command is one `error:` line on stderr and an exit code
+    (stepconv.errors: 2 bad input, 3 environment), never a traceback unless --debug."""
     try:
         app()
     except KeyboardInterrupt:
         typer.echo("interrupted; no output was published", err=True)
         sys.exit(130)
+    except Exception as e:  # (SystemExit, from typer.Exit and click's usage errors, passes through)
+        sys.exit(report(e))
 
 
 if __name__ == "__main__":

@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
+from .errors import StepconvError
 
-class StepconvError(Exception):
-    """A user-facing error: one line, names what is wrong and what would be valid."""
+__all__ = ["StepconvError", "Step35Config", "names_text"]
 
 
 def names_text(names, limit: int = 8) -> str:

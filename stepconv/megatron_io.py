@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .config import StepconvError, names_text
+from .safety import GuardedFile, bounded_text, check_zip_sizes, regular_file
 from .engine import FileStat, Unit, UnitResult
 from .hf_io import SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .mapping import Entry, Layout
@@ -98,7 +99,8 @@ class RankFileWriter:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = path.with_name(path.name + ".tmp")  # renamed to `path` only once complete
-        self._zip = torch._C.PyTorchFileWriter(str(self._tmp))
+        self._file = GuardedFile(self._tmp)
+        self._zip = torch._C.PyTorchFileWriter(self._file)
         self.model: OrderedDict[str, Any] = OrderedDict()
         self.bytes_written = 0
         self.tensors = 0
@@ -122,6 +124,7 @@ class RankFileWriter:
             off = t.storage_offset() * t.element_size()
             data = t.untyped_storage()[off:off + nbytes] if nbytes else b""
             self._zip.write_record(f"data/{ref.key}", data, nbytes)
+        self._file.check()
         self.bytes_written += nbytes
         self.tensors += 1
         self.model[key] = _TensorRef(ref, shape)
@@ -143,6 +146,7 @@ class RankFileWriter:
         self._zip.write_record("byteorder", sys.byteorder, len(sys.byteorder))
         self._zip.write_end_of_file()
         del self._zip
+        self._file.close()  # (flushed and fsynced: a rank file under its final name is on the disk)
         os.replace(self._tmp, self.path)
 
 def _dumps(obj: Any) -> bytes:

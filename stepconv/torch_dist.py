@@ -39,6 +39,7 @@ from .hf_io import TensorInfo
 from .kinds import EXTRA, QKVG_, SplitContext
 from .mapping import Entry
 from .megatron_io import HEADS_UNIT, close_heads, heads_units, load_rank_file, open_heads, read_head
+from .safety import GuardedFile
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -262,7 +263,7 @@ class _Sink:
     def __init__(self, path: Path | None):
         self.path = path
         self.tmp = path.with_name(path.name + ".tmp") if path else None
-        self.f = open(self.tmp, "wb") if path else _Counter()
+        self.f = GuardedFile(self.tmp) if path else _Counter()  # (a failed write: a Python error, not an abort)
         self.chunks = self.data = 0
 
     def save(self, chunk: torch.Tensor) -> tuple[int, int]:
@@ -273,6 +274,7 @@ class _Sink:
         else:
             # a view of a larger tensor would save that tensor's whole storage: store exactly this chunk
             torch.save(chunk if _owns_storage(chunk) else chunk.clone(), self.f)
+            self.f.check()
         self.chunks += 1
         self.data += chunk.numel() * chunk.element_size()
         return start, self.f.tell() - start
@@ -280,9 +282,7 @@ class _Sink:
     def close(self) -> FileStat:
         size = self.f.tell()
         if self.path is not None:
-            self.f.flush()
-            os.fsync(self.f.fileno())
-            self.f.close()
+            self.f.close()  # (flushed and fsynced)
             os.replace(self.tmp, self.path)
         return FileStat(size, self.data, self.chunks, self.chunks)
 

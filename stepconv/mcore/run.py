@@ -22,7 +22,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..config import Step35Config
+from ..config import Step35Config, StepconvError
 from .ckpt import RankLoader, as_rank_loader
 
 START_METHODS = ("spawn", "forkserver")
@@ -78,8 +78,9 @@ def _env(**kv):
                 os.environ[k] = v
 
 
-class RankError(RuntimeError):
-    """A rank process failed; the message is its one-line cause (``traceback`` holds the rank's traceback)."""
+class RankError(StepconvError, RuntimeError):
+    """A rank process failed; the message is its one-line cause (``traceback`` holds the rank's traceback). A
+    StepconvError, so the CLI's error boundary prints it as its one line (exit 2)."""
 
     def __init__(self, message: str, traceback: str = ""):
         super().__init__(message)

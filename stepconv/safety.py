@@ -1,0 +1,261 @@
+"""Input checks shared by every command, and the file primitives publication relies on.
+
+Inputs: `regular_file` (no FIFOs, devices or folders where a file is expected: a FIFO hangs a reader),
+`bounded_text` (a small text file read with a byte cap: a tracker pointing at /dev/zero cannot fill memory),
+`validate_safetensors_header` (the format's rules, as the safetensors library applies them), `check_zip_sizes`
+(a rank file's declared record sizes, before torch inflates anything). Outputs: `GuardedFile` (torch's zip writer
+writes through it, so a full disk is a Python error, not an abort), `fsync_dir`, `file_digest`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import stat
+import zipfile
+from pathlib import Path
+
+from .errors import StepconvError
+
+TEXT_LIMIT = 1 << 20  # a tracker, a config.json or an index is far smaller than this
+CONFIG_LIMIT = 16 << 20
+
+
+def regular_file(path: Path, what: str = "file") -> os.stat_result:
+    """`path`'s stat (links followed) when it is a regular file; a one-line error when it is missing or a FIFO,
+    device, socket or folder (opening a FIFO blocks forever; a device has no end)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise StepconvError(f"{path}: not found; expected a {what}") from None
+    except NotADirectoryError:
+        raise StepconvError(f"{path}: a parent of it is not a folder; expected a {what}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = ("a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else
+                "a device" if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise StepconvError(f"{path}: is {kind}; expected a {what} (a regular file)")
+    return st
+
+
+def bounded_bytes(path: Path, what: str, limit: int = TEXT_LIMIT) -> bytes:
+    regular_file(path, what)
+    with open(path, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise StepconvError(f"{path}: larger than {limit} bytes; a {what} is small (is it the right file?)")
+    return data
+
+
+def bounded_text(path: Path, what: str, limit: int = TEXT_LIMIT) -> str:
+    """A small UTF-8 text file, at most `limit` bytes read."""
+    try:
+        return bounded_bytes(path, what, limit).decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StepconvError(f"{path}: not UTF-8 text (byte {e.start}); expected a {what}") from None
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not a JSON number (NaN and Infinity are not allowed)")
+
+
+def _unique_keys(pairs):
+    out = {}
+    for k, v in pairs:
+        if k in out:
+            raise ValueError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+def parse_json(text: str | bytes, path: Path | str, what: str):
+    """Strict JSON: no NaN/Infinity, no duplicate keys; a one-line error naming the file."""
+    try:
+        return json.loads(text, parse_constant=_no_constants, object_pairs_hook=_unique_keys)
+    except json.JSONDecodeError as e:
+        raise StepconvError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); expected a {what}") from None
+    except (ValueError, RecursionError) as e:
+        raise StepconvError(f"{path}: not a valid {what} ({str(e).splitlines()[0]})") from None
+
+
+def read_json(path: Path, what: str, limit: int = TEXT_LIMIT):
+    return parse_json(bounded_text(path, what, limit), path, what)
+
+
+# --- safetensors ---------------------------------------------------------------------------------------
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def validate_safetensors_header(path: Path, header, data_size: int, dtype_sizes: dict[str, int]) -> None:
+    """The safetensors format's rules (as the safetensors library enforces them): a JSON object whose entries
+    each have a known dtype, a shape of non-negative integers and data_offsets [begin, end] with
+    end - begin = shape x dtype size; sorted by offset they tile the data area exactly (from 0, contiguous,
+    no overlap, no gap) up to its end, `data_size` bytes. `__metadata__`, if present, maps strings to strings."""
+    if not isinstance(header, dict):
+        raise StepconvError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, expected an object)")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise StepconvError(f"{path}: corrupt safetensors header: __metadata__ must map strings to strings")
+    spans = []
+    for name, m in header.items():
+        if name == "__metadata__":
+            continue
+        bad = None
+        if not isinstance(m, dict) or set(m) != {"dtype", "shape", "data_offsets"}:
+            bad = "needs exactly dtype, shape and data_offsets"
+        elif m["dtype"] not in dtype_sizes:
+            bad = f"dtype {m['dtype']!r} is not one of {', '.join(dtype_sizes)}"
+        elif not (isinstance(m["shape"], list) and all(_is_int(d) and d >= 0 for d in m["shape"])):
+            bad = f"shape {m['shape']!r} is not a list of non-negative integers"
+        elif not (isinstance(m["data_offsets"], list) and len(m["data_offsets"]) == 2
+                  and all(_is_int(o) for o in m["data_offsets"]) and 0 <= m["data_offsets"][0] <= m["data_offsets"][1]):
+            bad = f"data_offsets {m['data_offsets']!r} is not [begin, end] with 0 <= begin <= end"
+        elif m["data_offsets"][1] - m["data_offsets"][0] != math.prod(m["shape"]) * dtype_sizes[m["dtype"]]:
+            bad = (f"spans {m['data_offsets'][1] - m['data_offsets'][0]} bytes, its dtype and shape need "
+                   f"{math.prod(m['shape']) * dtype_sizes[m['dtype']]}")
+        if bad:
+            raise StepconvError(f"{path}: corrupt safetensors header entry for {name!r}: {bad}")
+        spans.append((m["data_offsets"][0], m["data_offsets"][1], name))
+    spans.sort()
+    pos = 0
+    for begin, end, name in spans:
+        if begin != pos:
+            raise StepconvError(f"{path}: corrupt safetensors header: {name!r} starts at byte {begin} of the data, "
+                                f"expected {pos} (tensor data must be contiguous, in order, not overlapping)")
+        pos = end
+    if pos > data_size:
+        raise StepconvError(f"{path}: truncated safetensors file (the header describes {pos} bytes of data, the file "
+                            f"holds {data_size})")
+    if pos < data_size:
+        raise StepconvError(f"{path}: corrupt safetensors file: {data_size - pos} bytes after the last tensor's data")
+
+
+# --- zip (torch.save) archives ----------------------------------------------------------------------------
+def check_zip_sizes(path: Path, size: int) -> None:
+    """Refuse a torch.save archive before torch reads it when a record is compressed or declares more bytes than
+    the file holds: torch inflates a record into memory of its declared size (a 2 MB file can declare GBs)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise StepconvError(f"{path}: corrupt or truncated rank file (not a zip archive: {str(e).splitlines()[0]})") \
+            from None
+    total = 0
+    for i in infos:
+        if i.compress_type != zipfile.ZIP_STORED:
+            raise StepconvError(f"{path}: record {i.filename} is compressed; torch.save stores records uncompressed "
+                                f"(refusing to inflate it)")
+        if i.file_size != i.compress_size or i.header_offset + i.file_size > size:
+            raise StepconvError(f"{path}: record {i.filename} declares {i.file_size} bytes beyond the file's {size}")
+        total += i.file_size
+    if total > size:
+        raise StepconvError(f"{path}: records declare {total} bytes, more than the file's {size}")
+
+
+# --- writing ----------------------------------------------------------------------------------------------
+class GuardedFile:
+    """The file torch's zip writer writes a rank file through.
+
+    torch's `PyTorchStreamWriter`, given a file name, raises on a failed write but then writes the end of the
+    archive from its destructor, which throws again; a C++ exception from a destructor aborts the interpreter
+    (measured: exit 134 with `ulimit -f`, and on a full disk). Given this object instead, torch never sees a
+    failure: the first OSError is kept, later writes are dropped, and `check()` raises it in Python.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.f = open(path, "wb", buffering=1 << 20)
+        self.error: OSError | None = None
+
+    def write(self, b) -> int:
+        n = memoryview(b).nbytes
+        if self.error is None:
+            try:
+                self.f.write(b)
+            except OSError as e:
+                self.error = e
+        return n
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:  # (dry run: a record's bytes skipped)
+        if self.error is None:
+            try:
+                return self.f.seek(offset, whence)
+            except OSError as e:
+                self.error = e
+        return 0
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def flush(self) -> None:  # (torch.save flushes a file-like when done; close() flushes for real)
+        pass
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise OSError(self.error.errno, self.error.strerror, str(self.path)) from None
+
+    def close(self) -> None:
+        """Flush, fsync and close; raises the first write error."""
+        if self.error is None:
+            try:
+                self.f.flush()
+                os.fsync(self.f.fileno())
+            except OSError as e:
+                self.error = e
+        try:
+            self.f.close()
+        except OSError:
+            pass
+        self.check()
+
+
+def fsync_dir(path: Path) -> None:
+    """Make a folder's entries (renames, new files) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (the files stepconv writes whole with write_text and the like)."""
+    for dirpath, _dirs, files in os.walk(root):
+        for name in files:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(dirpath))
+
+
+def file_digest(path: Path) -> str:
+    """What a journal records of a finished file: a zip archive's (rank file's) directory of record names, sizes and
+    CRC-32s, which torch computed while writing (reading it costs the directory, not the data); any other file's
+    SHA-256."""
+    if path.suffix == ".pt":
+        try:
+            with zipfile.ZipFile(path) as z:
+                d = hashlib.sha256()
+                for i in z.infolist():
+                    d.update(f"{i.filename}:{i.file_size}:{i.CRC};".encode())
+                return "zipdir:" + d.hexdigest()
+        except (zipfile.BadZipFile, OSError, ValueError):
+            return "unreadable"
+    d = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            d.update(chunk)
+    return "sha256:" + d.hexdigest()
+
+
+def zip_crcs_ok(path: Path) -> bool:
+    """Every record's bytes match the CRC-32 in the archive (a reused rank file is whole and unaltered)."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            return z.testzip() is None
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return False
