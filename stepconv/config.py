@@ -7,7 +7,7 @@ facts (64 vs 96 heads, MoE vs dense, MTP) are computed in one place.
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from .errors import StepconvError
+from .safety import CONFIG_LIMIT, read_json
 
 __all__ = ["StepconvError", "Step35Config", "names_text"]
 
@@ -61,6 +62,9 @@ class Step35Config:
         missing = [k for k in required if k not in raw]
         if missing:
             raise StepconvError(f"{source}: missing required field(s) {', '.join(missing)}")
+        problem = config_value_problem(raw)
+        if problem:
+            raise StepconvError(f"{source}: {problem}")
         cfg = cls(raw=raw)
         if not cfg.head_wise_gate:
             raise StepconvError(f"{source}: use_head_wise_attn_gate is {raw.get('use_head_wise_attn_gate')!r}; "
@@ -96,12 +100,9 @@ class Step35Config:
     @classmethod
     def from_file(cls, path: str | Path) -> "Step35Config":
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise StepconvError(f"{path}: not found; expected a Step-3.5-Flash config.json") from None
-        except json.JSONDecodeError as e:
-            raise StepconvError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not path.exists():
+            raise StepconvError(f"{path}: not found; expected a Step-3.5-Flash config.json")
+        raw = read_json(path, "Step-3.5-Flash config.json", limit=CONFIG_LIMIT)
         if not isinstance(raw, dict):
             raise StepconvError(f"{path}: expected a JSON object")
         return cls.from_dict(raw, source=str(path))
@@ -409,3 +410,82 @@ SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F16": torch
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+
+# --- config values: types, ranges and cheap upper bounds, checked before anything is sized from them ------------
+# Bounds far above any real model (Step-3.5-Flash: hidden 4096, 45 layers, 288 experts, vocab 128896) and far below
+# what would make planning allocate or loop without end (10^9 experts: a plan of 10^9 entries).
+_INT_FIELDS = {  # key: (lowest, highest)
+    "hidden_size": (1, 1 << 17), "num_hidden_layers": (1, 4096), "vocab_size": (1, 1 << 24),
+    "num_attention_heads": (1, 4096), "num_attention_groups": (1, 4096), "head_dim": (1, 8192),
+    "intermediate_size": (1, 1 << 20), "moe_num_experts": (0, 1 << 14), "moe_intermediate_size": (0, 1 << 20),
+    "share_expert_dim": (0, 1 << 20), "moe_top_k": (1, 1 << 14), "num_nextn_predict_layers": (0, 64),
+    "sliding_window": (1, 1 << 31),  # (0 or negative: no window, or a window Megatron writes as (-6, 0))
+    "max_position_embeddings": (1, 1 << 31), "max_seq_len": (1, 1 << 31),
+}
+_FLOAT_FIELDS = ("rms_norm_eps", "moe_router_scaling_factor", "rope_theta", "partial_rotary_factors",
+                 "swiglu_limits", "swiglu_limits_shared")
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def _int_ok(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _number_ok(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def config_value_problem(raw: dict) -> str | None:
+    """The first config value of the wrong type, out of range, not finite, or inconsistent (heads not a multiple of
+    query groups, top-k above the expert count, a MoE layer index out of range); None when all are sound."""
+    for key, (lo, hi) in _INT_FIELDS.items():
+        v = raw.get(key)
+        if v is None:
+            continue
+        if not _int_ok(v, lo, hi):
+            return f"{key} is {v!r}; expected an integer from {lo} to {hi}"
+    for key in _FLOAT_FIELDS:
+        v = raw.get(key)
+        vals = v if isinstance(v, list) else [v]
+        if v is not None and not all(x is None or _number_ok(x) for x in vals):
+            return f"{key} is {str(v)[:80]}; expected a finite number" + (" per layer" if isinstance(v, list) else "")
+    for key in ("rms_norm_eps",):
+        if key in raw and not raw[key] > 0:
+            return f"{key} is {raw[key]!r}; expected a positive number"
+    types = raw.get("layer_types")
+    if not (isinstance(types, list) and all(t in _LAYER_TYPES for t in types)):
+        return f"layer_types must be a list of {' / '.join(_LAYER_TYPES)}; got {str(types)[:80]}"
+    heads, groups = raw["num_attention_heads"], raw["num_attention_groups"]
+    if heads % groups:
+        return f"num_attention_heads {heads} is not a multiple of num_attention_groups {groups}"
+    other = raw.get("attention_other_setting")
+    if other is not None:
+        if not isinstance(other, dict):
+            return f"attention_other_setting must be an object; got {type(other).__name__}"
+        for key in ("num_attention_heads", "num_attention_groups", "head_dim"):
+            if key in other and not _int_ok(other[key], *_INT_FIELDS[key]):
+                return f"attention_other_setting.{key} is {other[key]!r}; expected an integer from 1 to " \
+                       f"{_INT_FIELDS[key][1]}"
+        if other.get("num_attention_heads", 1) % other.get("num_attention_groups", 1):
+            return "attention_other_setting: num_attention_heads is not a multiple of num_attention_groups"
+    experts = raw.get("moe_num_experts") or 0
+    if experts and raw.get("moe_top_k", 4) > experts:
+        return f"moe_top_k {raw.get('moe_top_k', 4)} exceeds moe_num_experts {experts}"
+    enum = raw.get("moe_layers_enum")
+    if enum is not None:
+        try:
+            idx = [int(x) for x in enum.split(",") if x.strip()] if isinstance(enum, str) else \
+                [x if _int_ok(x, -1 << 62, 1 << 62) else int("not an index") for x in enum]
+        except (ValueError, TypeError, AttributeError):
+            return f"moe_layers_enum is {str(enum)[:80]}; expected layer indices (a list or a comma-separated string)"
+        bad = [i for i in idx if not 0 <= i < raw["num_hidden_layers"]]
+        if bad:
+            return f"moe_layers_enum names layer {bad[0]}; layers are 0..{raw['num_hidden_layers'] - 1}"
+    for key in ("rope_scaling",):
+        if raw.get(key) is not None and not isinstance(raw[key], dict):
+            return f"{key} must be an object or null; got {type(raw[key]).__name__}"
+    for key in ("use_rope_layers", "yarn_only_types"):
+        if raw.get(key) is not None and not isinstance(raw[key], list):
+            return f"{key} must be a list; got {type(raw[key]).__name__}"
+    return None

@@ -22,8 +22,10 @@ import torch
 
 from . import __version__
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
-from .engine import Journal, Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, plan_workers, staging
-from .hf_io import HFCheckpoint, HFReader, HFWriter, TensorInfo, copy_files, hf_tensor_problems, parse_size
+from .engine import Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, plan_workers
+from .publish import Journal, audit_on_disk, staging
+from .hf_io import (HFCheckpoint, HFReader, HFWriter, TensorInfo, carried_files, copy_files, hf_tensor_problems,
+                    parse_size)
 from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
 from .megatron_io import (MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter, load_rank_file,
@@ -260,6 +262,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         got, results = execute(todo, reader, writer, pl.step, workers=workers.workers, progress=progress,
                                unit_done=journal.complete)
         consumed.update(got)
+        audit_on_disk(tmp, journal.sizes())  # what is on disk, not what was counted
         # every element of every source tensor consumed exactly once, judged against the files, not the plan
         _publish(tmp, pl, writer, units, results, consumed, {n: math.prod(i.shape) for n, i in ckpt.tensors.items()},
                  ckpt.extra_files(), summary)
@@ -279,10 +282,11 @@ def _resumed(units: list[Unit], journal: Journal, root: Path) -> tuple[Counter, 
     """Units a previous run completed (their consumption, for the audit) and the units still to do."""
     consumed, todo = Counter(), []
     for u in units:
-        done = journal.done.get(u.name)
-        if done and all((root / o).exists() for o in u.outputs):
+        done = journal.reusable(u)  # (every output still exactly what the journal recorded, CRCs checked)
+        if done:
             consumed.update(done["consumed"])
         else:
+            journal.done.pop(u.name, None)
             todo.append(u)
     return consumed, todo
 
@@ -360,7 +364,7 @@ class ExportPlan:
             return TorchDistReader(self.source.path, self.index, self.spec, self.cfg.num_experts,
                                    saved_tp=self.layout.tp_size, meta=meta, heads=heads)
         return LegacyReader(self.source.path, self.layout, rank_keys(self.entries, self.layout), self.spec,
-                            first=self.first, meta=meta, heads=heads)
+                            first=self.first, meta=meta, heads=heads, entries=self.entries)
 
     def step(self, entry: Entry, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         """TP shards -> (HF name, tensor) pairs; output_layer also fills the MTP heads when there is no sidecar."""
@@ -394,10 +398,10 @@ def plan_export(mcore_dir: str | os.PathLike, *, iteration: str | int | None = N
     first = load_rank_file(first_path)
     args = first.get("args")
     lay = Layout.from_args(args, str(first_path))
-    problems = rank_dir_problems(src.path, lay)
     cfg = Step35Config.from_megatron_args(args, str(src.path), hf_config)
     cfg.validate_parallel(lay.tp_size, lay.pp_size, lay.ep_size)
-    meta = getattr(args, "stepconv", None) or {}
+    problems = rank_dir_problems(src.path, lay)
+    meta = recorded_meta(args, src.path)
     keys0 = list(first["model"])
     spec = detect_spec(keys0)
     last = src.path / rank_dir_name(0, lay.pp_size - 1, 0, lay.pp_size, lay.ep_size) / RANK_FILE
@@ -415,8 +419,9 @@ def _plan_export_dist(src: IterationDir, hf_config) -> ExportPlan:
     args = common.get("args")
     lay = Layout.from_args(args, str(src.path / "common.pt"))
     cfg = Step35Config.from_megatron_args(args, str(src.path), hf_config)
+    cfg.validate_parallel(lay.tp_size, lay.pp_size, lay.ep_size)
     index = read_index(src.path)
-    meta = getattr(args, "stepconv", None) or {}
+    meta = recorded_meta(args, src.path)
     spec = dist_spec(index)
     entries = plan(cfg, Layout(), spec)
     return ExportPlan(src, cfg, lay, spec, args, {}, entries, _hf_infos(cfg, entries, meta),
@@ -426,16 +431,31 @@ def _plan_export_dist(src: IterationDir, hf_config) -> ExportPlan:
 def _hf_infos(cfg: Step35Config, entries: list[Entry], meta: dict) -> list[TensorInfo]:
     """The HF output tensors with their original dtypes (stepconv's record, else config torch_dtype / the kind's)."""
     src_dtypes = meta.get("source_dtypes") or {}
+    if not isinstance(src_dtypes, dict):
+        raise StepconvError(f"checkpoint args record source_dtypes as a {type(src_dtypes).__name__}; expected an "
+                            f"object of tensor name -> BF16/F16/F32")
     kinds = {h: e.kind for e in entries for h in e.hf}
     return [TensorInfo(name, "", _recorded_dtype(None, name, src_dtypes[name]) if name in src_dtypes
                        else kinds[name].dtype or cfg.torch_dtype(), shape)
             for name, shape in hf_shapes(cfg, entries).items()]
 
 
+def recorded_meta(args: Any, where: Path) -> dict:
+    """stepconv's record in a checkpoint's args (empty for a Megatron training run's checkpoint), type-checked."""
+    meta = getattr(args, "stepconv", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) for k in meta):
+        raise StepconvError(f"{where}: args.stepconv is a {type(meta).__name__}; expected stepconv's record (an "
+                            f"object), or none")
+    return meta
+
+
+RECORDED_DTYPES = ("BF16", "F16", "F32")  # the allow-list for dtypes a checkpoint's own metadata records
+
+
 def _recorded_dtype(src, name: str, dtype: Any) -> torch.dtype:
     """A dtype stepconv recorded in a checkpoint's args: only a floating-point safetensors dtype is accepted."""
-    dt = SAFETENSORS_DTYPES.get(dtype) if isinstance(dtype, str) else None
-    if dt is None or not dt.is_floating_point:
+    dt = SAFETENSORS_DTYPES.get(dtype) if dtype in RECORDED_DTYPES else None
+    if dt is None:
         raise StepconvError(f"checkpoint args record dtype {dtype!r} for {name}; expected one of BF16, F16, F32")
     return dt
 
@@ -493,10 +513,11 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         if incomplete:
             raise StepconvError(f"audit failed, not publishing: HF tensor(s) not fully written: "
                                 f"{names_text(incomplete)}")
+        audit_on_disk(tmp, writer.file_sizes)
         summary.bytes_written = writer.bytes_written
         (tmp / "config.json").write_text(json.dumps(pl.cfg.raw, indent=2) + "\n")
         if (root / SIDECAR / "hf_files").is_dir():
-            copy_files(sorted((root / SIDECAR / "hf_files").iterdir()), tmp)
+            copy_files(carried_files(root / SIDECAR / "hf_files"), tmp)
         summary.files = len(writer.shards)
         summary.tensors = len(pl.infos)
     summary.seconds = time.time() - t0
@@ -570,7 +591,7 @@ def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iterati
     src = plan_export(mcore_dir, iteration=iteration, hf_config=hf_config)
     if src.problems:
         raise StepconvError(src.problems[0])
-    lay, meta = src.layout, getattr(src.args, "stepconv", None) or {}
+    lay, meta = src.layout, recorded_meta(src.args, src.source.path)
     defaults = dict(tp=lay.tp_size, pp=lay.pp_size, ep=lay.ep_size, spec=src.spec, format=src.format,
                     dtype=meta.get("dtype", "keep"), window_convention=meta.get("sliding_window_convention", "hf"))
     opts = ImportOptions.of({**defaults, **options})
@@ -588,9 +609,10 @@ def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iterati
         workers = pl.workers(units, HFReader(dtypes, meta=True))
         consumed, results = execute(units, source, writer, pl.step, workers=workers.workers, progress=progress)
         source.finish()
+        audit_on_disk(tmp, {rel: st.bytes for r in results for rel, st in r.files.items()})
         hf_files = root / SIDECAR / "hf_files"
         _publish(tmp, pl, writer, units, results, consumed, {i.name: math.prod(i.shape) for i in src.infos},
-                 sorted(hf_files.iterdir()) if hf_files.is_dir() else [], summary)
+                 carried_files(hf_files) if hf_files.is_dir() else [], summary)
     summary.bytes_read = getattr(source.reader, "bytes_read", 0)
     summary.seconds = time.time() - t0
     return summary

@@ -21,15 +21,12 @@ which is what `stepconv inspect` runs, so it reports what the conversion code it
 from __future__ import annotations
 
 import gc
-import json
 import os
-import shutil
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -292,63 +289,3 @@ def default_max_memory() -> int:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
     except (ValueError, OSError, AttributeError):
         return 8 << 30
-
-
-# --- publication --------------------------------------------------------------------------------------------
-@contextmanager
-def staging(out: Path, overwrite: bool, resume: bool = False) -> Iterator[Path]:
-    """Build in `<out>.partial`, rename into place only when complete.
-
-    On an error the partial folder is removed, except with `resume`, where it is kept for the next
-    `--resume` run (a kill -9 keeps it anyway; nothing in it carries a final name until complete).
-    """
-    if out.exists() and not overwrite:
-        raise StepconvError(f"{out}: already exists; pass --overwrite to replace it or -o to choose another folder")
-    tmp = out.with_name(out.name + ".partial")
-    if tmp.exists() and not resume:
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    try:
-        yield tmp
-    except BaseException:
-        if not resume:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(out.name + ".replaced")
-        shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-class Journal:
-    """`<out>.partial/.stepconv-journal.json`: which units are complete, and what each consumed."""
-
-    NAME = ".stepconv-journal.json"
-
-    def __init__(self, root: Path, fingerprint: str):
-        self.path = root / self.NAME
-        self.fingerprint = fingerprint
-        self.done: dict[str, dict] = {}
-        self.lock = threading.Lock()
-
-    def load(self) -> None:
-        try:
-            data = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return
-        if data.get("fingerprint") == self.fingerprint:
-            self.done = data.get("done", {})
-
-    def complete(self, unit: Unit, consumed: Counter, result: UnitResult) -> None:
-        with self.lock:
-            self.done[unit.name] = {"outputs": unit.outputs, "consumed": dict(consumed)}
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"fingerprint": self.fingerprint, "done": self.done}))
-            os.replace(tmp, self.path)
-
-    def remove(self) -> None:
-        self.path.unlink(missing_ok=True)

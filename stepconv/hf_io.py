@@ -10,6 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
+import shutil
+import stat
 import struct
 import threading
 from dataclasses import dataclass
@@ -19,6 +22,9 @@ from typing import Iterable, Sequence
 import torch
 
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
+from .safety import parse_json, read_json, regular_file, validate_safetensors_header
+
+DTYPE_SIZES = {name: dt.itemsize for name, dt in SAFETENSORS_DTYPES.items()}
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -38,31 +44,22 @@ class TensorInfo:
 
 
 def read_safetensors_header(path: Path) -> dict:
-    """Parse and sanity-check a safetensors header; catches truncated and corrupt files early."""
+    """Parse and validate a safetensors header (stepconv.safety: the format's rules, as the safetensors library
+    applies them); catches truncated, corrupt and hostile files before any tensor is read."""
+    size = regular_file(path, "safetensors file").st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise StepconvError(f"{path}: corrupt safetensors file ({size} bytes, too short for a header)")
+        (n,) = struct.unpack("<Q", raw)
+        if n > size - 8 or n > 100_000_000:
+            raise StepconvError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
+        text = f.read(n)
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise StepconvError(f"{path}: corrupt safetensors file ({size} bytes, too short for a header)")
-            (n,) = struct.unpack("<Q", raw)
-            if n > size - 8 or n > 100_000_000:
-                raise StepconvError(f"{path}: corrupt or truncated safetensors file (header length {n}, file size {size})")
-            header = json.loads(f.read(n))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+        header = parse_json(text.decode("utf-8"), path, "safetensors header")
+    except (UnicodeDecodeError, StepconvError):
         raise StepconvError(f"{path}: corrupt safetensors file (header is not valid JSON)") from None
-    except FileNotFoundError:
-        raise StepconvError(f"{path}: not found") from None
-    end = 0
-    for name, meta in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(meta, dict) or "data_offsets" not in meta or meta.get("dtype") not in SAFETENSORS_DTYPES:
-            raise StepconvError(f"{path}: corrupt safetensors header entry for {name!r}")
-        end = max(end, int(meta["data_offsets"][1]))
-    expected = 8 + n + end
-    if size < expected:
-        raise StepconvError(f"{path}: truncated safetensors file ({size} bytes, header describes {expected})")
+    validate_safetensors_header(path, header, size - 8 - n, DTYPE_SIZES)
     return header
 
 
@@ -142,10 +139,7 @@ class HFCheckpoint:
     def _scan(self) -> None:
         index = self.path / INDEX_NAME
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise StepconvError(f"{index}: not a valid safetensors index (needs a weight_map object)") from None
+            weight_map = _weight_map(index, read_json(index, "safetensors index", limit=256 << 20))
             files = sorted(set(weight_map.values()))
         elif (self.path / SINGLE_NAME).exists():
             weight_map, files = None, [SINGLE_NAME]
@@ -198,12 +192,9 @@ class HFCheckpoint:
         return LazyTensor(self, self.tensors[name])
 
     def extra_files(self) -> list[Path]:
-        """Small non-weight files (tokenizer, generation config, remote code) to carry along."""
-        out = []
-        for p in sorted(self.path.iterdir()):
-            if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in (INDEX_NAME, "config.json"):
-                out.append(p)
-        return out
+        """Non-weight files to carry along: only names on the allow-list (tokenizer, generation config, remote code,
+        docs), only regular files inside the folder (`carried_files`)."""
+        return carried_files(self.path)
 
 
 # --- writing ---------------------------------------------------------------------------------
@@ -297,21 +288,70 @@ def parse_size(text: str, option: str = "--max-shard-size") -> int:
     s = text.strip().upper().replace(" ", "")
     units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40, "KB": 10**3, "MB": 10**6, "GB": 10**9,
              "TB": 10**12, "B": 1}
+    value = None
     for u, m in units.items():
         if s.endswith(u):
             try:
-                return int(float(s[: -len(u)]) * m)
+                value = float(s[: -len(u)]) * m
             except ValueError:
-                break
-    if s.isdigit():
-        return int(s)
-    raise StepconvError(f"{option} {text!r} is not a size; use e.g. 5GB, 500MB or 2GiB")
+                pass
+            break
+    if value is None and re.fullmatch(r"[0-9]{1,20}", s):
+        value = int(s)
+    if value is None or not math.isfinite(value) or not 1 <= value <= MAX_SIZE:
+        raise StepconvError(f"{option} {text[:40]!r} is not a size between 1 byte and 1 EB; use e.g. 5GB, 500MB or "
+                            f"2GiB")
+    return int(value)
+
+
+MAX_SIZE = 10**18
+
+
+def _weight_map(index: Path, data) -> dict[str, str]:
+    """The index's weight_map, checked: tensor name -> a safetensors file name in the same folder."""
+    wm = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(wm, dict) or not wm:
+        raise StepconvError(f"{index}: not a valid safetensors index (needs a non-empty weight_map object)")
+    for name, f in wm.items():
+        if not isinstance(f, str) or not f.endswith(".safetensors") or "/" in f or "\\" in f or f.startswith("."):
+            raise StepconvError(f"{index}: weight_map maps {name!r} to {f!r}; expected a .safetensors file name in "
+                                f"the same folder")
+    return wm
+
+
+# Files a HF folder may carry besides weights and config.json: copied (streamed) into conversions' outputs.
+CARRIED_NAMES = ("generation_config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                 "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja",
+                 "chat_template.json", "preprocessor_config.json", "README.md", "LICENSE", "NOTICE")
+CARRIED_SUFFIXES = (".py", ".md", ".txt", ".jinja", ".tiktoken")
+CARRY_LIMIT = 256 << 20  # a tokenizer is a few MB; anything near this is not one
+
+
+def carried_files(folder: Path) -> list[Path]:
+    """The allow-listed non-weight files of `folder`: names in CARRIED_NAMES or with CARRIED_SUFFIXES, regular files
+    whose real path is inside `folder` (a link out of it is skipped), at most CARRY_LIMIT bytes each."""
+    out, real = [], folder.resolve()
+    for p in sorted(folder.iterdir()):
+        if not (p.name in CARRIED_NAMES or p.suffix in CARRIED_SUFFIXES) or p.name.startswith("."):
+            continue
+        try:
+            inside = p.resolve().parent == real
+            st = os.stat(p)
+        except OSError:
+            continue
+        if inside and stat.S_ISREG(st.st_mode) and st.st_size <= CARRY_LIMIT:
+            out.append(p)
+    return out
 
 
 def copy_files(files: Iterable[Path], dest: Path) -> None:
+    """Stream `files` into `dest`, never over a file already there (what the conversion wrote)."""
     dest.mkdir(parents=True, exist_ok=True)
     for f in files:
-        (dest / f.name).write_bytes(f.read_bytes())
+        if (dest / f.name).exists():
+            continue
+        with open(f, "rb") as src, open(dest / f.name, "xb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
 
 
 # --- the HF format as an engine reader and writer --------------------------------------------------------

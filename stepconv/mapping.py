@@ -117,6 +117,9 @@ def detect_mtp_block(keys) -> str:
     return MTP_BLOCK
 
 
+MAX_PARALLEL = 1 << 14  # far above any real layout, far below a per-rank list that exhausts memory
+
+
 @dataclass(frozen=True)
 class Layout:
     """A Megatron parallel layout: tensor-, pipeline- and expert-parallel sizes."""
@@ -129,10 +132,13 @@ class Layout:
     def from_args(cls, args: Any, where: str) -> "Layout":
         """The layout a Megatron checkpoint's args record (the one place it is read)."""
         try:
-            return cls(int(args.tensor_model_parallel_size), int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
-                       int(getattr(args, "expert_model_parallel_size", 1) or 1))
-        except (AttributeError, TypeError, ValueError):
+            lay = cls(int(args.tensor_model_parallel_size), int(getattr(args, "pipeline_model_parallel_size", 1) or 1),
+                      int(getattr(args, "expert_model_parallel_size", 1) or 1))
+        except (AttributeError, TypeError, ValueError, OverflowError):
             raise StepconvError(f"{where}: args lack tensor_model_parallel_size; not a Megatron checkpoint") from None
+        if not all(1 <= n <= MAX_PARALLEL for n in (lay.tp_size, lay.pp_size, lay.ep_size)):  # before any per-rank list
+            raise StepconvError(f"{where}: args record {lay}; each size must be from 1 to {MAX_PARALLEL}")
+        return lay
 
     def ranks(self) -> Iterator[tuple[int, int, int]]:
         """(tp_rank, pp_rank, ep_rank) of every rank file, in file order."""

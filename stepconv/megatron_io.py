@@ -186,6 +186,7 @@ def load_rank_file(path: Path, need_model: bool = True) -> dict:
     (Also reads a torch_dist `common.pt`, `need_model=False`: its args hold megatron enums.)"""
     if not path.exists():
         raise StepconvError(f"{path}: missing " + ("rank file" if need_model else "file"))
+    check_zip_sizes(path, regular_file(path, "rank file" if need_model else "torch.save file").st_size)
     for allow in (_SAFE, None):
         try:
             with _allowed(allow if allow is not None else _SAFE + _megatron_safe_globals()):
@@ -255,10 +256,18 @@ def read_tracker(root: Path) -> str:
     if not f.exists():
         raise StepconvError(f"{root}: no {TRACKER}; expected a Megatron checkpoint folder "
                             f"(with release/ or iter_*/ and mp_rank_* subfolders)")
-    text = f.read_text().strip()
-    if text != "release" and not text.isdigit():
+    text = bounded_text(f, "Megatron tracker file", limit=64).strip()
+    if parse_iteration(text) is None:
         raise StepconvError(f"{f}: holds {text!r}; expected an iteration number or 'release'")
     return text
+
+
+def parse_iteration(text: str) -> str | None:
+    """'release', or an iteration number as canonical digits ('0002000' -> '2000'); None for anything else."""
+    text = text.strip()
+    if text == "release":
+        return text
+    return str(int(text)) if re.fullmatch(r"[0-9]{1,10}", text) else None
 
 
 _ITERATION_DIR = re.compile(r"release|iter_\d{7}")
@@ -282,19 +291,23 @@ def resolve_iteration(path: str | os.PathLike, iteration: str | int | None = Non
     p = Path(path)
     if not p.is_dir():
         raise StepconvError(f"{p}: not a directory; expected a Megatron checkpoint folder")
+    given = None
+    if iteration is not None:
+        given = parse_iteration(str(iteration))
+        if given is None:
+            raise StepconvError(f"--iteration {str(iteration)[:64]!r}: expected an iteration number (digits) or "
+                                f"'release'")
     if _ITERATION_DIR.fullmatch(p.name) and not (p / TRACKER).exists():
         it = "release" if p.name == "release" else str(int(p.name[len("iter_"):]))
-        if iteration is not None and str(iteration).lstrip("0") != it.lstrip("0") and str(iteration) != it:
+        if given is not None and given != it:
             raise StepconvError(f"{p}: is iteration {it}, but --iteration {iteration} was given")
         return IterationDir(p.parent, it, p)
-    it = str(iteration).strip() if iteration is not None else read_tracker(p)
-    if it != "release" and not it.isdigit():
-        raise StepconvError(f"--iteration {it!r}: expected an iteration number or 'release'")
-    itdir = p / iteration_dir_name(it if it == "release" else int(it))
+    it = given if given is not None else parse_iteration(read_tracker(p))
+    itdir = p / iteration_dir_name(it)
     if not itdir.is_dir():
         have = sorted(d.name for d in p.iterdir() if d.is_dir() and _ITERATION_DIR.fullmatch(d.name))
         raise StepconvError(f"{itdir}: iteration folder not found (available: {', '.join(have) or 'none'})")
-    return IterationDir(p, it if it == "release" else str(int(it)), itdir)
+    return IterationDir(p, it, itdir)
 
 
 # --- the legacy format as an engine writer and reader ----------------------------------------------------
@@ -336,7 +349,30 @@ def read_head(path: Path | None, entry: Entry, meta: bool) -> torch.Tensor:
     """One MTP head from the sidecar (a meta tensor of its shape for a dry run)."""
     if meta:
         return torch.empty(entry.hf_shapes[0], dtype=torch.bfloat16, device="meta")
-    return read_safetensors_tensor(path, entry.hf[0])
+    t = read_safetensors_tensor(path, entry.hf[0])
+    if tuple(t.shape) != tuple(entry.hf_shapes[0]) or t.dtype not in WEIGHT_DTYPES:
+        raise StepconvError(f"{path}: {entry.hf[0]} is {str(t.dtype).removeprefix('torch.')} {list(t.shape)}; "
+                            f"expected {list(entry.hf_shapes[0])} in bf16, fp16 or fp32")
+    return t
+
+
+WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def rank_tensor_problem(path: Path, model: dict, want: dict[str, tuple[tuple[int, ...], str]]) -> str | None:
+    """The first tensor of a loaded rank file whose shape is not the plan's for this rank, or whose dtype is not a
+    float weight dtype (a transposed shard, a short embedding shard, int8 weights): None when all agree.
+    `want`: key -> (shape, the HF tensor(s) it comes from)."""
+    for key, (shape, hf) in want.items():
+        t = model.get(key)
+        if not isinstance(t, torch.Tensor):
+            return f"{path}: {key} ({hf}) is {type(t).__name__}, expected a tensor"
+        if tuple(t.shape) != shape:
+            return f"{path}: {key} ({hf}) has shape {list(t.shape)}; this rank's shard is {list(shape)}"
+        if t.dtype not in WEIGHT_DTYPES:
+            return (f"{path}: {key} ({hf}) is {str(t.dtype).removeprefix('torch.')}; expected bf16, fp16 or fp32 "
+                    f"weights")
+    return None
 
 
 class LegacyWriter:
@@ -408,8 +444,10 @@ class LegacyReader:
     shapes and dtypes (for `inspect`: everything is checked, no tensor byte is read)."""
 
     def __init__(self, itdir: Path, layout: Layout, expected: dict[tuple[int, int, int], list[str]], spec: str, *,
-                 first: dict | None = None, meta: bool = False, heads: Path | None = None):
+                 first: dict | None = None, meta: bool = False, heads: Path | None = None,
+                 entries: list[Entry] | None = None):
         self.itdir, self.layout, self.expected, self.spec, self.meta = itdir, layout, expected, spec, meta
+        self.entries = entries  # the plan: every loaded tensor's shape and dtype is checked against it
         self.heads = heads  # stepconv's MTP-head sidecar, when it belongs to this iteration
         self._first = first  # rank (0, 0, 0)'s already loaded file
         self._models: dict[tuple[int, int, int], dict] = {}  # (tp_rank, stage, ep_rank) -> state dict (mapped)
@@ -456,9 +494,18 @@ class LegacyReader:
                                             + "; ".join(x for x in (f"missing {names_text(miss)}" if miss else "",
                                                                     f"unexpected {names_text(unexp)}" if unexp else "")
                                                         if x))
+                    problem = rank_tensor_problem(path, m, self._shapes(t, stage, p))
+                    if problem:
+                        raise StepconvError(problem)
                     self._models[(t, stage, p)] = m
                     self._ranges.append(mapped_range(m))
             self._stages.add(stage)
+
+    def _shapes(self, tp_rank: int, stage: int, ep_rank: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Each tensor's shape in this rank's file, from the plan (replicas on other stages included)."""
+        return {e.key: (e.kind.rank_shape(e.source_shapes, e.ctx, tp_rank), ", ".join(e.hf))
+                for e in self.entries or ()
+                if e.stage == stage and e.on(ep_rank) and e.kind.megatron and e.rank_shape() is not None}
 
     def nbytes(self, entry: Entry) -> int:
         return 0
