@@ -24,8 +24,8 @@ from . import __version__
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
 from .engine import Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, plan_workers
 from .publish import Journal, audit_on_disk, staging
-from .hf_io import (HFCheckpoint, HFReader, HFWriter, TensorInfo, carried_files, copy_files, hf_tensor_problems,
-                    parse_size)
+from .hf_io import (MAX_SIZE, HFCheckpoint, HFReader, HFWriter, TensorInfo, carried_files, copy_files,
+                    hf_tensor_problems, parse_size)
 from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
 from .megatron_io import (MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter, load_rank_file,
@@ -463,6 +463,20 @@ def _recorded_dtype(src, name: str, dtype: Any) -> torch.dtype:
 def _use_sidecar(src: IterationDir, entries: list[Entry], meta: dict) -> bool:
     heads = any(not e.kind.megatron for e in entries)
     return heads and (src.root / SIDECAR / MTP_HEADS).exists() and str(meta.get("iteration")) == src.iteration
+
+
+def check_export(pl: ExportPlan) -> None:
+    """The export run dry: every rank file's keys, every tensor's shape and dtype per rank (torch_dist: every chunk
+    needed), checked exactly as mcore-to-hf checks them, no tensor byte read; raises the first problem. `verify`
+    runs it before starting any rank, `inspect` runs the same reader and writer."""
+    if pl.problems:
+        raise StepconvError(pl.problems[0])
+    reader = pl.reader(meta=True)
+    writer = HFWriter(Path("."), pl.infos, MAX_SIZE, dry=True)
+    execute(reader.units(pl.entries), reader, writer, pl.step)
+    incomplete = writer.finish()
+    if incomplete:
+        raise StepconvError(f"{pl.source.path}: HF tensor(s) not covered by the checkpoint: {names_text(incomplete)}")
 
 
 @dataclass(frozen=True)

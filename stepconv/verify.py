@@ -271,7 +271,7 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
     """`verify` of several Megatron checkpoints of one HF checkpoint against a single HF pass, in one world of rank
     processes (each layer is loaded and run once per checkpoint); one report each. All run at one TP x EP: `layout`,
     else the first checkpoint's; a checkpoint saved otherwise (or torch_dist) is resplit to it as it is read."""
-    from .convert import plan_export
+    from .convert import check_export, plan_export
     from .hf_reference import StreamedReference
     from .mcore.run import RankError, start_ranks
     from .mcore.stream import RankFileWeights, ResplitWeights, StreamJob, stream_rank
@@ -288,8 +288,7 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
     srcs = []
     for d in mcore_dirs:
         src = plan_export(d, iteration=iteration, hf_config=hf_dir / "config.json")
-        if src.problems:
-            raise StepconvError(src.problems[0])
+        check_export(src)  # the same validation as mcore-to-hf, before any rank starts
         srcs.append(src)
     args = srcs[0].args
     lay = layout or srcs[0].layout
