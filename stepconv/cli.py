@@ -147,9 +147,9 @@ def verify_cmd(
     layers: Optional[str] = typer.Option(None, "--layers", help="Check main layers A..B-1 only, e.g. 40:45 (both sides "
                                                                 "start from the HF embeddings; head and MTP need B = "
                                                                 "num_hidden_layers)."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Tokens per sequence [default: 2 x sliding_window + 8, "
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=2, max=1 << 20, help="Tokens per sequence [default: 2 x sliding_window + 8, "
                                                                   "so the window is exercised]."),
-    batch: Optional[int] = typer.Option(None, "--batch", help="Sequences [default: enough for 256 positions, min 2]."),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1, max=1 << 16, help="Sequences [default: enough for 256 positions, min 2]."),
     prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Token ids instead of random ones: one "
                                                                            "sequence per line, whitespace separated."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random token ids."),
@@ -232,6 +232,9 @@ def inspect_cmd(
     typer.echo(render(r))
     if json_path:
         json_path.write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
+    if not r.ok:  # the report lists every error; stderr gets the one line every command ends with
+        more = f" ({len(r.errors) - 1} more in the report)" if len(r.errors) > 1 else ""
+        typer.echo(f"error: {r.errors[0] if r.errors else 'the plan failed'}{more}", err=True)
     raise typer.Exit(0 if r.ok else 2)  # (exit 1 is verify's FAIL only)
 
 
@@ -265,12 +268,19 @@ def main() -> None:
     """The one error boundary: every failure of every command is one `error:` line on stderr and an exit code
     (stepconv.errors: 2 bad input, 3 environment), never a traceback unless --debug."""
     try:
-        app()
-    except KeyboardInterrupt:
+        code = app(standalone_mode=False)  # (click returns typer.Exit's code instead of exiting)
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted; no output was published", err=True)
         sys.exit(130)
-    except Exception as e:  # (SystemExit, from typer.Exit and click's usage errors, passes through)
+    except Exception as e:
+        if hasattr(e, "format_message") and hasattr(e, "exit_code"):  # click's usage errors (typer's copy of click)
+            if type(e).__name__ == "NoArgsIsHelpError":
+                typer.echo(e.format_message())
+                sys.exit(0)
+            typer.echo(f"error: {e.format_message()} (see --help)", err=True)
+            sys.exit(2)
         sys.exit(report(e))
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

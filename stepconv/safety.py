@@ -133,11 +133,12 @@ def validate_safetensors_header(path: Path, header, data_size: int, dtype_sizes:
 
 
 # --- zip (torch.save) archives ----------------------------------------------------------------------------
-def check_zip_sizes(path: Path, size: int) -> None:
+def check_zip_sizes(path: Path, size: int, data=None) -> None:
     """Refuse a torch.save archive before torch reads it when a record is compressed or declares more bytes than
-    the file holds: torch inflates a record into memory of its declared size (a 2 MB file can declare GBs)."""
+    the file holds: torch inflates a record into memory of its declared size (a 2 MB file can declare GBs).
+    `data`: the archive as a file object (a torch_dist chunk read into memory), else read from `path`."""
     try:
-        with zipfile.ZipFile(path) as z:
+        with zipfile.ZipFile(data if data is not None else path) as z:
             infos = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
         raise StepconvError(f"{path}: corrupt or truncated rank file (not a zip archive: {str(e).splitlines()[0]})") \

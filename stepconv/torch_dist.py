@@ -39,7 +39,7 @@ from .hf_io import TensorInfo
 from .kinds import EXTRA, QKVG_, SplitContext
 from .mapping import Entry
 from .megatron_io import HEADS_UNIT, close_heads, heads_units, load_rank_file, open_heads, read_head
-from .safety import GuardedFile
+from .safety import GuardedFile, check_zip_sizes, regular_file
 
 METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
@@ -321,6 +321,8 @@ class _IndexUnpickler(pickle.Unpickler):
 def read_index(itdir: Path) -> dcp_md.Metadata:
     path = itdir / DCP_INDEX
     try:
+        if path.exists():
+            regular_file(path, "distributed-checkpoint index")
         with open(path, "rb") as f:
             md = _IndexUnpickler(f, path).load()
     except FileNotFoundError:
@@ -337,7 +339,8 @@ def read_index(itdir: Path) -> dcp_md.Metadata:
                                 f"expected a data file in {itdir}")
         if info.relative_path not in sizes:
             f = itdir / info.relative_path
-            sizes[info.relative_path] = f.stat().st_size if f.is_file() else -1
+            sizes[info.relative_path] = regular_file(f, "distributed-checkpoint data file").st_size \
+                if f.exists() else -1
         if sizes[info.relative_path] < 0:
             raise StepconvError(f"{itdir / info.relative_path}: missing (.metadata places {idx.fqn} in it)")
         if info.offset < 0 or info.length < 0 or info.offset + info.length > sizes[info.relative_path]:
@@ -458,6 +461,7 @@ class TorchDistReader(ReaderBase):
                 fd = self._fds[info.relative_path] = os.open(self.itdir / info.relative_path, os.O_RDONLY)
             self.bytes_read += info.length
         blob = os.pread(fd, info.length, info.offset)
+        check_zip_sizes(self.itdir / info.relative_path, len(blob), io.BytesIO(blob))
         try:
             t = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         except Exception as e:  # any failure to read a blob is a corrupt file, reported as one line
