@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 import torch
 
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
-from .safety import parse_json, read_json, regular_file, validate_safetensors_header
+from .safety import named_os_errors, parse_json, read_json, regular_file, validate_safetensors_header
 
 DTYPE_SIZES = {name: dt.itemsize for name, dt in SAFETENSORS_DTYPES.items()}
 
@@ -224,8 +224,9 @@ class SafetensorsWriter:
         self.bytes_written = len(head)
         if not dry:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
-            os.pwrite(self.fd, head, 0)
-            os.ftruncate(self.fd, self.data_start + sum(t.nbytes for t in tensors))
+            with named_os_errors(path):
+                os.pwrite(self.fd, head, 0)
+                os.ftruncate(self.fd, self.data_start + sum(t.nbytes for t in tensors))
 
     def write(self, name: str, byte_offset: int, chunk: torch.Tensor) -> None:
         """Place `chunk` (a whole tensor, or one of the equal dim-0 pieces at `byte_offset`); its shape must be
@@ -242,8 +243,9 @@ class SafetensorsWriter:
         if not (self.dry or chunk.is_meta):  # a meta chunk (dry run) leaves its range a hole in the sparse file
             data = memoryview(chunk.contiguous().view(torch.uint8).numpy()).cast("B") if n else b""
             pos, start = 0, self.data_start + self.offsets[name] + byte_offset
-            while pos < n:  # pwrite may write less than asked (large chunks)
-                pos += os.pwrite(self.fd, data[pos:], start + pos)
+            with named_os_errors(self.path):
+                while pos < n:  # pwrite may write less than asked (large chunks)
+                    pos += os.pwrite(self.fd, data[pos:], start + pos)
         with self._lock:  # chunks of one file may come from several threads
             self.written[name] += n
             self.bytes_written += n
@@ -251,7 +253,8 @@ class SafetensorsWriter:
     def close(self) -> list[str]:
         """Close and return the names whose byte count is not exactly their size (empty when complete)."""
         if not self.dry:
-            os.fsync(self.fd)
+            with named_os_errors(self.path):
+                os.fsync(self.fd)
             os.close(self.fd)
         return [n for n, b in self.written.items() if b != self.infos[n].nbytes]
 

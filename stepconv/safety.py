@@ -15,7 +15,9 @@ import math
 import os
 import stat
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from .errors import StepconvError
 
@@ -212,6 +214,17 @@ class GuardedFile:
         self.check()
 
 
+@contextmanager
+def named_os_errors(path: Path) -> Iterator[None]:
+    """An OSError from a call on a file descriptor (pwrite, ftruncate, fsync carry no file name) names `path`."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is not None:
+            raise
+        raise OSError(e.errno, e.strerror, str(path)) from None
+
+
 def fsync_dir(path: Path) -> None:
     """Make a folder's entries (renames, new files) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -235,8 +248,8 @@ def fsync_tree(root: Path) -> None:
 
 def file_digest(path: Path) -> str:
     """What a journal records of a finished file: a zip archive's (rank file's) directory of record names, sizes and
-    CRC-32s, which torch computed while writing (reading it costs the directory, not the data); any other file's
-    SHA-256."""
+    CRC-32s, which torch computed while writing (reading it costs the directory, not the data); for any other file
+    (the MTP-head sidecar, torch_dist data: rereading them would double the I/O) its size and modification time."""
     if path.suffix == ".pt":
         try:
             with zipfile.ZipFile(path) as z:
@@ -246,11 +259,8 @@ def file_digest(path: Path) -> str:
                 return "zipdir:" + d.hexdigest()
         except (zipfile.BadZipFile, OSError, ValueError):
             return "unreadable"
-    d = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            d.update(chunk)
-    return "sha256:" + d.hexdigest()
+    st = os.stat(path)
+    return f"stat:{st.st_size}:{st.st_mtime_ns}"
 
 
 def zip_crcs_ok(path: Path) -> bool:

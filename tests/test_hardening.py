@@ -284,10 +284,12 @@ def _limited(limit):
     return pre
 
 
-@pytest.mark.parametrize("args", [["hf-to-mcore", "--tp", "2"], ["hf-to-mcore", "--format", "torch_dist"]])
-def test_file_size_limit_is_exit_3_not_an_abort(fixture_dir, tmp_path, args):
+@pytest.mark.parametrize("args", [["hf-to-mcore", "--tp", "2"], ["hf-to-mcore", "--format", "torch_dist"],
+                                  ["mcore-to-hf"]])
+def test_file_size_limit_is_exit_3_not_an_abort(fixture_dir, mcore, tmp_path, args):
     out = tmp_path / "o"
-    p = subprocess.run([sys.executable, "-m", "stepconv.cli", *args, "-q", str(fixture_dir), "-o", str(out)],
+    src = mcore if args[0] == "mcore-to-hf" else fixture_dir
+    p = subprocess.run([sys.executable, "-m", "stepconv.cli", *args, "-q", str(src), "-o", str(out)],
                        capture_output=True, text=True, preexec_fn=_limited(150_000), timeout=300)
     assert_one_line(p.returncode, p.stderr, 3, "File too large")
     assert not out.exists() and not (tmp_path / "o.partial").exists()
