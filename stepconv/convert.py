@@ -465,6 +465,16 @@ def _use_sidecar(src: IterationDir, entries: list[Entry], meta: dict) -> bool:
     return heads and (src.root / SIDECAR / MTP_HEADS).exists() and str(meta.get("iteration")) == src.iteration
 
 
+def check_hf(hf_dir: str | os.PathLike) -> HFCheckpoint:
+    """A HF folder validated as hf-to-mcore validates it (headers, index, config, every tensor's name and shape);
+    what `verify` runs on its reference folder."""
+    ckpt = HFCheckpoint(hf_dir)
+    problems = hf_tensor_problems(ckpt.tensors, hf_shapes(ckpt.config), ckpt.path)
+    if problems:
+        raise StepconvError(problems[0])
+    return ckpt
+
+
 def check_export(pl: ExportPlan) -> None:
     """The export run dry: every rank file's keys, every tensor's shape and dtype per rank (torch_dist: every chunk
     needed), checked exactly as mcore-to-hf checks them, no tensor byte read; raises the first problem. `verify`

@@ -271,7 +271,7 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
     """`verify` of several Megatron checkpoints of one HF checkpoint against a single HF pass, in one world of rank
     processes (each layer is loaded and run once per checkpoint); one report each. All run at one TP x EP: `layout`,
     else the first checkpoint's; a checkpoint saved otherwise (or torch_dist) is resplit to it as it is read."""
-    from .convert import check_export, plan_export
+    from .convert import check_export, check_hf, plan_export
     from .hf_reference import StreamedReference
     from .mcore.run import RankError, start_ranks
     from .mcore.stream import RankFileWeights, ResplitWeights, StreamJob, stream_rank
@@ -284,7 +284,7 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
         raise StepconvError("--trust-remote-code is not supported by the streamed verify: StepFun's "
                             "modeling_step3p5.py does not load on transformers 5.x (see docs/VERIFY.md)")
     hf_dir = Path(hf_dir)
-    cfg = Step35Config.from_file(hf_dir / "config.json")
+    cfg = check_hf(hf_dir).config  # the conversions' own validation of the reference folder
     srcs = []
     for d in mcore_dirs:
         src = plan_export(d, iteration=iteration, hf_config=hf_dir / "config.json")

@@ -370,3 +370,15 @@ def test_rank_process_error_comes_back_as_one_line(tmp_path):
         run_ranks(_fail_on_rank, str(tmp_path / "absent"), tp=1)
     assert "rank 0 of 1" in str(e.value) and e.value.filename == str(tmp_path / "absent")
     assert report(e.value) == 2
+
+
+def test_verify_validates_like_the_conversions(hf, mcore, tmp_path, capsys):
+    """verify refuses, before any rank starts, what the conversions refuse: on either side."""
+    m = tmp_path / "m"
+    shutil.copytree(mcore, m)
+    how = RANK_FAULTS["transposed on every rank"][1]
+    for r in (0, 1):
+        _resave(_rank(m, r), how)
+    assert_one_line(*cli(capsys, "verify", hf, m)[::2], 2, FC2, "this rank's shard")
+    _rewrite_header(hf / SHARD, HEADER_FAULTS["overlap"])
+    assert_one_line(*cli(capsys, "verify", hf, mcore)[::2], 2, SHARD, "contiguous")
