@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from .config import Step35Config, StepconvError
+from .config import StepconvError
 from .mapping import Layout, detect_mtp_block
 
 # Gates. Per layer (teacher-forced, relative to the sublayer's update): max_rel = max|d| / max|update|,

@@ -110,9 +110,10 @@ class RankGroup:
         try:
             done = self.ctx.join(timeout=timeout)
         except Exception as e:  # a rank exited non-zero: torch has stopped the others
+            failed = self._failed()  # (read before stop(), which removes the folder holding the rank's error)
             self.stop()
             lines = [x for x in str(e).splitlines() if x.strip()]  # (a raised exception's text ends in its message)
-            raise self._failed() or RankError(f"a rank process failed: {lines[-1] if lines else type(e).__name__}",
+            raise failed or RankError(f"a rank process failed: {lines[-1] if lines else type(e).__name__}",
                                               str(e)) from None
         err = self._failed()
         if err is not None:
