@@ -17,6 +17,15 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                        "Step-3.5-Flash-mcore/")
 
 
+ETP_HELP = ("Expert tensor-parallel size (Megatron's expert_tensor_parallel_size): routed experts' fc1/fc2 split "
+            "over it, everything else over --tp; legacy files need it to divide --tp (commonly 1) [default: --tp].")
+PP_FIRST_HELP = ("Layers on the first pipeline stage (Megatron's decoder_first_pipeline_num_layers); the other stages "
+                 "split the rest evenly (e.g. 45 layers, --pp 8 --pp-first 3).")
+PP_LAST_HELP = "Layers on the last pipeline stage (Megatron's decoder_last_pipeline_num_layers)."
+VPP_HELP = ("Virtual pipeline stages per PP rank (Megatron's num_virtual_stages_per_pipeline_rank): rank files hold "
+            "model0..model{V-1}, the interleaved schedule's layers.")
+
+
 def _fail(e: BaseException) -> None:
     raise typer.Exit(report(e))
 
@@ -39,6 +48,10 @@ def hf_to_mcore_cmd(
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size; must divide query groups and heads (e.g. 1, 2, 4, 8)."),
     pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size; must divide num_hidden_layers (e.g. 45 -> 1, 3, 5, 9)."),
     ep: int = typer.Option(1, "--ep", help="Expert-parallel size; must divide moe_num_experts (e.g. 288 -> 8)."),
+    etp: Optional[int] = typer.Option(None, "--etp", help=ETP_HELP),
+    pp_first: Optional[int] = typer.Option(None, "--pp-first", help=PP_FIRST_HELP),
+    pp_last: Optional[int] = typer.Option(None, "--pp-last", help=PP_LAST_HELP),
+    vpp: Optional[int] = typer.Option(None, "--vpp", help=VPP_HELP),
     spec: str = typer.Option("te", "--spec", help="Megatron layer spec whose parameter names to write: te (TransformerEngine, "
                                                    "TEGroupedMLP experts) or local (SequentialMLP)."),
     fmt: str = typer.Option("torch", "--format", help="torch (legacy mp_rank_* files, --ckpt-format torch) or torch_dist "
@@ -69,7 +82,7 @@ def hf_to_mcore_cmd(
         with progress(total, "hf-to-mcore", quiet=quiet) as report:
             s = hf_to_mcore(hf_dir, out, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, overwrite=overwrite,
                             window_convention=window, resume=resume, max_memory=budget, jobs=jobs, progress=report,
-                            format=fmt)
+                            format=fmt, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp)
     except StepconvError as e:
         _fail(e)
     typer.echo("\n".join(s.lines()))
@@ -113,6 +126,12 @@ def reshard_cmd(
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size [default: the source's]."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline-parallel size [default: the source's]."),
     ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size [default: the source's]."),
+    etp: Optional[int] = typer.Option(None, "--etp", help=ETP_HELP.replace("[default: --tp]", "[default: the source's, "
+                                                                          "or --tp if the source's followed its TP]")),
+    pp_first: Optional[int] = typer.Option(None, "--pp-first", help=PP_FIRST_HELP + " [default: the source's unless "
+                                                                                   "--pp is given]"),
+    pp_last: Optional[int] = typer.Option(None, "--pp-last", help=PP_LAST_HELP + " [default: as --pp-first]"),
+    vpp: Optional[int] = typer.Option(None, "--vpp", help=VPP_HELP + " [default: as --pp-first]"),
     spec: Optional[str] = typer.Option(None, "--spec", help="te or local names [default: the source's]."),
     iteration: Optional[str] = typer.Option(None, "--iteration", help="Source iteration or 'release' [default: latest]."),
     hf_config: Optional[Path] = typer.Option(None, "--hf-config", help="Step-3.5 config.json, for checkpoints saved by a "
@@ -127,7 +146,8 @@ def reshard_cmd(
     from .convert import reshard
     from .progress import progress
 
-    opts = {k: v for k, v in dict(format=fmt, tp=tp, pp=pp, ep=ep, spec=spec).items() if v is not None}
+    opts = {k: v for k, v in dict(format=fmt, tp=tp, pp=pp, ep=ep, spec=spec, etp=etp, pp_first=pp_first,
+                                  pp_last=pp_last, vpp=vpp).items() if v is not None}
     try:
         with progress(0, "reshard", quiet=quiet) as report:
             s = reshard(src, out, iteration=iteration, hf_config=hf_config, overwrite=overwrite, progress=report, **opts)
@@ -206,6 +226,11 @@ def inspect_cmd(
     tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel size to plan for (HF input) [default: 1]."),
     pp: Optional[int] = typer.Option(None, "--pp", help="Pipeline-parallel size to plan for (HF input) [default: 1]."),
     ep: Optional[int] = typer.Option(None, "--ep", help="Expert-parallel size to plan for (HF input) [default: 1]."),
+    etp: Optional[int] = typer.Option(None, "--etp", help="Expert tensor-parallel size to plan for (HF input) "
+                                                          "[default: --tp]."),
+    pp_first: Optional[int] = typer.Option(None, "--pp-first", help="Layers on the first pipeline stage (HF input)."),
+    pp_last: Optional[int] = typer.Option(None, "--pp-last", help="Layers on the last pipeline stage (HF input)."),
+    vpp: Optional[int] = typer.Option(None, "--vpp", help="Virtual pipeline stages per PP rank (HF input)."),
     spec: str = typer.Option("te", "--spec", help="te or local parameter names (HF input)."),
     dtype: str = typer.Option("keep", "--dtype", help="keep, bf16 or fp32 (HF input)."),
     fmt: str = typer.Option("torch", "--format", help="torch or torch_dist (HF input: the format to plan)."),
@@ -226,7 +251,7 @@ def inspect_cmd(
 
     try:
         r = inspect_path(path, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, full=full, iteration=iteration,
-                         hf_config=hf_config, format=fmt)
+                         hf_config=hf_config, format=fmt, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp)
     except StepconvError as e:
         _fail(e)
     typer.echo(render(r))

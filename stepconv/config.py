@@ -10,7 +10,7 @@ import argparse
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -281,15 +281,20 @@ class Step35Config:
     def padded_vocab(self, tp: int, divisor: int = DEFAULT_VOCAB_DIVISOR) -> int:
         return padded_vocab_size(self.vocab, tp, divisor)
 
-    def validate_parallel(self, tp: int, pp: int, ep: int) -> None:
+    def validate_parallel(self, tp: int, pp: int, ep: int, **pipeline: int | None) -> None:
         """Reject layouts Megatron (with the fused head-wise gate) cannot express, naming the valid values."""
-        problems = self.parallel_problems(tp, pp, ep)
+        problems = self.parallel_problems(tp, pp, ep, **pipeline)
         if problems:
             raise StepconvError(problems[0])
 
-    def parallel_problems(self, tp: int, pp: int, ep: int) -> list[str]:
-        """One line per invalid dimension (TP, PP, EP in that order), each listing the valid values."""
-        out = [f"{name} must be >= 1, got {v}" for name, v in (("--tp", tp), ("--pp", pp), ("--ep", ep)) if v < 1]
+    def parallel_problems(self, tp: int, pp: int, ep: int, *, etp: int | None = None, pp_first: int | None = None,
+                          pp_last: int | None = None, vpp: int | None = None) -> list[str]:
+        """One line per invalid dimension (TP, PP and its stages, EP, ETP in that order), each listing the valid
+        values. `etp` None is Megatron's default (= TP); `pp_first`/`pp_last` are Megatron's
+        decoder_first/last_pipeline_num_layers, `vpp` its virtual pipeline stages per PP rank."""
+        sizes = (("--tp", tp), ("--pp", pp), ("--ep", ep), ("--etp", etp), ("--pp-first", pp_first),
+                 ("--pp-last", pp_last), ("--vpp", vpp))
+        out = [f"{name} must be >= 1, got {v}" for name, v in sizes if v is not None and v < 1]
         if out:
             return out
         shapes = sorted(self.attn_shapes(), key=lambda s: (s.heads, s.groups))
@@ -297,29 +302,39 @@ class Step35Config:
         groups = sorted({s.groups for s in shapes})
         ok_tp = [t for t in range(1, max(groups) + 1)
                  if all(g % t == 0 for g in groups) and all(h % t == 0 for h in heads)]
-        ffns = [f for f in [self.ffn] + ([self.moe_ffn, self.shared_ffn] if self.moe_layers else []) if f]
+        # dense MLPs and shared experts are split over TP, routed experts over ETP (TP unless given)
+        ffns = [f for f in [self.ffn] + ([self.shared_ffn] + [self.moe_ffn] * (etp is None) if self.moe_layers else [])
+                if f]
         if tp not in ok_tp:
             what = " and ".join([f"{'/'.join(map(str, groups))} query groups", f"{'/'.join(map(str, heads))} heads"])
             out.append(f"--tp must divide {what} (the head-wise gate needs query groups >= TP): "
                        f"valid values {', '.join(map(str, ok_tp))}; got {tp}")
         elif any(f % tp for f in ffns):
             out.append(f"--tp {tp} must divide the FFN width {next(f for f in ffns if f % tp)}")
-        ok_pp = [p for p in range(1, self.num_layers + 1) if self.num_layers % p == 0]
-        if pp not in ok_pp:
-            out.append(f"--pp must divide {self.num_layers} layers: valid values {', '.join(map(str, ok_pp))}; got {pp}")
+        out += pipeline_problems(self.num_layers, pp, vpp, pp_first, pp_last)
         if self.moe_layers:
             ok_ep = [e for e in range(1, self.num_experts + 1) if self.num_experts % e == 0]
             if ep not in ok_ep:
                 out.append(f"--ep must divide {self.num_experts} experts: valid values {', '.join(map(str, ok_ep))}; "
                            f"got {ep}")
+            if etp is not None and self.moe_ffn % etp:
+                ok = [e for e in range(1, self.moe_ffn + 1) if self.moe_ffn % e == 0]
+                out.append(f"--etp must divide the routed experts' FFN width {self.moe_ffn}: valid values "
+                           f"{names_text(map(str, ok))}; got {etp}")
         elif ep != 1:
             out.append(f"--ep must be 1 for a model without MoE layers; got {ep}")
         return out
 
     # --- Megatron args ---------------------------------------------------------------------
     def megatron_args(self, *, tp: int, pp: int, ep: int, params_dtype: torch.dtype, spec: str,
-                      window_convention: str = "hf", extra: dict[str, Any] | None = None) -> argparse.Namespace:
-        """argparse.Namespace with Megatron-LM's own names, plus step35_* fields for what Megatron lacks."""
+                      window_convention: str = "hf", extra: dict[str, Any] | None = None, etp: int | None = None,
+                      pp_first: int | None = None, pp_last: int | None = None,
+                      vpp: int | None = None) -> argparse.Namespace:
+        """argparse.Namespace with Megatron-LM's own names, plus step35_* fields for what Megatron lacks.
+
+        The layout fields are what Megatron-LM's validate_args leaves: expert_tensor_parallel_size (= TP unless
+        `etp`), decoder_first/last_pipeline_num_layers (None when not given), virtual_pipeline_model_parallel_size
+        and num_virtual_stages_per_pipeline_rank (None without VPP)."""
         base = self.attn(0) if self.layer_type(0) == "full_attention" else self.attn_full()
         full_i = next((i for i in range(self.num_layers) if self.layer_type(i) == "full_attention"), 0)
         window = self.sliding_window
@@ -377,7 +392,12 @@ class Step35Config:
             tensor_model_parallel_size=tp,
             pipeline_model_parallel_size=pp,
             expert_model_parallel_size=ep,
-            expert_tensor_parallel_size=tp,
+            expert_tensor_parallel_size=tp if etp is None else etp,
+            decoder_first_pipeline_num_layers=pp_first,
+            decoder_last_pipeline_num_layers=pp_last,
+            virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
+            num_virtual_stages_per_pipeline_rank=vpp if vpp and vpp > 1 else None,
+            num_layers_per_virtual_pipeline_stage=None,
             sequence_parallel=False,
             transformer_impl="transformer_engine" if spec == "te" else "local",
             params_dtype=params_dtype,
@@ -397,6 +417,116 @@ class Step35Config:
     def attn_full(self) -> AttnShape:
         return AttnShape(int(self.raw["num_attention_heads"]), int(self.raw["num_attention_groups"]),
                          int(self.raw["head_dim"]))
+
+
+# --- pipeline stages: the one home of the layer arithmetic -------------------------------------------------
+def layer_chunks(num_layers: int, pp_size: int, vpp_size: int | None = None, first: int | None = None,
+                 last: int | None = None) -> tuple[tuple[range, ...], ...]:
+    """The global decoder layers each PP rank builds in each of its virtual stages: `out[pp_rank][vp_stage]`.
+
+    megatron-core's `get_transformer_layer_offset` (a range's start) and `get_num_layers_to_build` (its length)
+    for `num_layers_in_first/last_pipeline_stage` = `first`/`last` (Megatron-LM's
+    --decoder-first/last-pipeline-num-layers) and `virtual_pipeline_model_parallel_size` = `vpp_size` (None or 1:
+    one chunk per rank). The stages not named split the remaining layers evenly; with V virtual stages, stage p's
+    layers form V equal chunks and the chunks interleave: chunk c of stage p starts after c whole rounds
+    (num_layers / V layers each) and after chunk c of every earlier stage. Example: 8 layers, PP=2, VPP=2:
+    ((range(0, 2), range(4, 6)), (range(2, 4), range(6, 8))). Raises ValueError naming what megatron-core
+    rejects (its TransformerConfig checks).
+    """
+    v = vpp_size or 1
+    if pp_size < 1 or v < 1 or num_layers < 1:
+        raise ValueError(f"sizes must be >= 1 (layers {num_layers}, PP {pp_size}, VPP {v})")
+    if pp_size > num_layers:
+        raise ValueError(f"{pp_size} stages for {num_layers} layers (each stage holds one at least)")
+    if pp_size == 1 and (v > 1 or first is not None or last is not None):
+        raise ValueError("virtual pipeline stages and uneven stages need PP > 1")
+    named = {0: first} if first is not None else {}
+    if last is not None:
+        named[pp_size - 1] = last
+    if any(n < 1 for n in named.values()):
+        raise ValueError("the first and last stages must hold at least one layer")
+    rest, stages = num_layers - sum(named.values()), pp_size - len(named)
+    if rest < 0 or bool(rest) != bool(stages):
+        raise ValueError(f"{rest} layers remain for {stages} middle stage(s)")
+    if stages and rest % stages:
+        raise ValueError(f"{rest} layers do not split evenly over {stages} stage(s)")
+    counts = [named.get(p, rest // stages if stages else 0) for p in range(pp_size)]
+    if any(c % v for c in counts):
+        raise ValueError(f"stage layer counts {counts} are not all divisible by VPP {v}")
+    per_round = num_layers // v
+    return tuple(tuple(range(c * per_round + sum(counts[:p]) // v, c * per_round + (sum(counts[:p]) + counts[p]) // v)
+                       for c in range(v)) for p in range(pp_size))
+
+
+def pipeline_problems(num_layers: int, pp_size: int, vpp_size: int | None = None, first: int | None = None,
+                      last: int | None = None) -> list[str]:
+    """Why `layer_chunks` rejects a split, as one line naming the values that would work (empty when it works)."""
+    def ok(**kw) -> bool:
+        a = {**dict(vpp_size=vpp_size, first=first, last=last), **kw}
+        try:
+            layer_chunks(num_layers, pp_size, **a)
+            return True
+        except ValueError:
+            return False
+
+    if ok():
+        return []
+    L, pp = num_layers, pp_size
+    if pp == 1:
+        given = [n for n, v in (("--vpp", vpp_size if vpp_size != 1 else None), ("--pp-first", first),
+                                ("--pp-last", last)) if v is not None]
+        return [f"{' and '.join(given)} need{'s' if len(given) == 1 else ''} --pp > 1 (pipeline stages to split)"]
+    if first is None and last is None and not ok(vpp_size=None):
+        divisors = [p for p in range(1, L + 1) if L % p == 0]
+        firsts = [f for f in range(1, L) if ok(first=f)]
+        lasts = [x for x in range(1, L) if ok(last=x)]
+        uneven = " or ".join(f"{n} {compress(vs)}" for n, vs in (("--pp-first", firsts), ("--pp-last", lasts)) if vs)
+        return [f"--pp must divide {L} layers: valid values {', '.join(map(str, divisors))}; got {pp}"
+                + (f"; or uneven stages with --pp {pp}: {uneven}" if uneven else "")]
+    if not ok(vpp_size=None):
+        named = [(n, v, k) for n, v, k in (("--pp-first", first, "first"), ("--pp-last", last, "last")) if v is not None]
+        name, value, key = named[-1]
+        valid = [x for x in range(1, L) if ok(vpp_size=None, **{key: x})]
+        rest, others = L - sum(v for _, v, _ in named), pp - len(named)
+        ctx = f"--pp {pp}" + "".join(f" {n} {v}" for n, v, k in named if k != key)
+        return [f"{name} {value} leaves {rest} layer(s) for the {others} other stage(s), which must split them evenly: "
+                f"valid {name} values with {ctx}: {compress(valid) or 'none'}"]
+    counts = sorted({len(r[0]) for r in layer_chunks(L, pp, None, first, last)})
+    valid = [v for v in range(1, max(counts) + 1) if all(c % v == 0 for c in counts)]
+    return [f"--vpp {vpp_size} must divide every stage's layer count ({'/'.join(map(str, counts))}): "
+            f"valid --vpp values {', '.join(map(str, valid))}"]
+
+
+def compress(nums: Iterable[int]) -> str:
+    """{0..2}, {3..44}, {0..44 step 4}, {1..43 except 4..40 step 4}: the shortest of a direct and a complement form."""
+    s = sorted(set(nums))
+    if not s:
+        return ""
+    direct = _runs(s)
+    span = set(range(s[0], s[-1] + 1))
+    holes = sorted(span - set(s))
+    if holes:
+        alt = f"{s[0]}..{s[-1]} except {_runs(holes)}"
+        if len(alt) < len(direct):
+            return alt
+    return direct
+
+
+def _runs(s: list[int]) -> str:
+    parts, i = [], 0
+    while i < len(s):
+        j = i
+        if i + 1 < len(s):
+            step = s[i + 1] - s[i]
+            while j + 1 < len(s) and s[j + 1] - s[j] == step:
+                j += 1
+            if j - i >= 2 or (step == 1 and j > i):
+                parts.append(f"{s[i]}..{s[j]}" + (f" step {step}" if step != 1 else ""))
+                i = j + 1
+                continue
+        parts.append(str(s[i]))
+        i += 1
+    return ",".join(parts)
 
 
 def padded_vocab_size(vocab: int, tp: int, divisor: int = DEFAULT_VOCAB_DIVISOR) -> int:

@@ -29,7 +29,7 @@ from .hf_io import (MAX_SIZE, HFCheckpoint, HFReader, HFWriter, TensorInfo, carr
 from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
 from .megatron_io import (MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter, load_rank_file,
-                          rank_dir_name, rank_dir_problems, resolve_iteration, write_tracker)
+                          rank_dir_name, rank_dir_problems, rank_models, resolve_iteration, write_tracker)
 
 if TYPE_CHECKING:
     from .torch_dist import TorchDistReader, TorchDistWriter
@@ -59,7 +59,7 @@ class Summary:
         out = [
             f"{self.direction}: {self.source} -> {self.output}",
             f"  layout   {self.layout}, spec {self.spec}, format {self.format}"
-            + (f" ({self.layout.world_size} rank files)" if self.format == "torch" else " (global keys)"),
+            + (f" ({len(self.layout.ranks())} rank files)" if self.format == "torch" else " (global keys)"),
             f"  wrote    {self.files} files, {self.tensors} tensors, {_gb(self.bytes_written)}"
             f" (read {_gb(self.bytes_read)}) in {self.seconds:.1f} s ({rate:.0f} MB/s)",
         ]
@@ -102,18 +102,27 @@ class ImportOptions:
     max_memory: int | None = None  # bytes for parallel work (default half the RAM)
     jobs: int | None = None  # most units at once (default the CPU count)
     format: str = "torch"  # torch (legacy per-rank files) | torch_dist (global keys)
+    etp: int | None = None  # expert_tensor_parallel_size (None: = tp)
+    pp_first: int | None = None  # decoder_first_pipeline_num_layers (None: an even share)
+    pp_last: int | None = None  # decoder_last_pipeline_num_layers
+    vpp: int | None = None  # virtual pipeline stages per PP rank (None: none)
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "ImportOptions":
         return _options(cls, options)
 
+    @classmethod
+    def for_layout(cls, layout: Layout, **options: Any) -> "ImportOptions":
+        """Options that write `layout` (and `options`)."""
+        return cls.of({**layout_options(layout), **options})
+
     @property
     def layout(self) -> Layout:
-        return Layout(self.tp, self.pp, self.ep)
+        return Layout(self.tp, self.pp, self.ep, self.etp, self.pp_first, self.pp_last, self.vpp)
 
     def problems(self, cfg: Step35Config) -> list[str]:
         """Every invalid option, one line each with the valid values."""
-        out = cfg.parallel_problems(self.tp, self.pp, self.ep)
+        out = self.layout.problems(cfg, legacy=self.format == "torch")
         if self.spec not in SPECS:
             out.append(f"--spec must be one of {', '.join(SPECS)}; got {self.spec!r}")
         if self.dtype not in DTYPE_CHOICES:
@@ -125,6 +134,24 @@ class ImportOptions:
         elif self.format == "torch_dist" and self.resume:
             out.append("--resume works with --format torch; a torch_dist run writes its index at the end, start it again")
         return out
+
+
+def layout_options(layout: Layout) -> dict[str, int | None]:
+    """`layout` as ImportOptions fields (also the manifest's "layout" record)."""
+    return dict(tp=layout.tp_size, pp=layout.pp_size, ep=layout.ep_size, etp=layout.etp_size,
+                pp_first=layout.pp_first, pp_last=layout.pp_last, vpp=layout.vpp_size)
+
+
+def reshard_layout(src: Layout, options: dict[str, Any]) -> dict[str, int | None]:
+    """The layout options a reshard keeps from its source when `options` do not name them. ETP follows a new --tp
+    when the source's ETP followed its TP; the pipeline's shape (--pp-first, --pp-last, --vpp) is the source's only
+    while --pp is."""
+    out = layout_options(src)
+    if src.etp_size == src.tp_size:
+        out["etp"] = None
+    if "pp" in options:
+        out.update(pp_first=None, pp_last=None, vpp=None)
+    return out
 
 
 @dataclass
@@ -163,15 +190,16 @@ class ImportPlan:
         return LegacyWriter(root, self.layout, self.args, self.heads(), dry=dry)
 
     def step(self, entry: Entry, srcs: list[torch.Tensor]) -> list:
-        """Sources -> one tensor per TP rank (or the sidecar tensor itself), in the entry's Megatron dtype."""
+        """Sources -> one tensor per TP rank (ETP rank for a routed expert; or the sidecar tensor itself), in the
+        entry's Megatron dtype."""
         if not entry.kind.megatron:
             return [srcs[0]]
         dt = entry.kind.out_dtype([s.dtype for s in srcs], self.target) if srcs else None
         if srcs and srcs[0].is_meta:  # dry run: the same split's shapes, computed once per signature
             return [_meta(entry.kind.rank_shape(entry.source_shapes, entry.ctx, r), dt)
-                    for r in range(self.write_layout.tp_size)]
+                    for r in range(entry.ctx.tp_size)]
         out = []
-        for r in range(self.write_layout.tp_size):
+        for r in range(entry.ctx.tp_size):  # TP ranks (ETP ranks for a routed expert)
             t = entry.kind.split(srcs, entry.ctx, r)
             out.append(t if t is None or t.dtype == dt else t.to(dt))
         return out
@@ -184,7 +212,7 @@ class ImportPlan:
             if shape is None or not e.kind.megatron:
                 return reader.nbytes(e)
             dt = e.kind.out_dtype([self.source_dtypes[h] for h in e.hf], self.target)
-            return max(reader.nbytes(e), self.write_layout.tp_size * math.prod(shape) * dt.itemsize)
+            return max(reader.nbytes(e), e.ctx.tp_size * math.prod(shape) * dt.itemsize)
 
         return plan_workers(units, entry_bytes, factor=3, read_ahead=True, jobs=self.options.jobs,
                             budget=self.options.max_memory)
@@ -208,7 +236,8 @@ def plan_import(cfg: Step35Config, source_dtypes: dict[str, torch.dtype], option
     if options.format == "torch_dist":
         extra.update(ckpt_format="torch_dist", use_dist_ckpt=True)
     args = cfg.megatron_args(tp=options.tp, pp=options.pp, ep=options.ep, params_dtype=params_dtype, spec=options.spec,
-                             window_convention=options.window_convention, extra=extra)
+                             window_convention=options.window_convention, extra=extra, etp=options.etp,
+                             pp_first=options.pp_first, pp_last=options.pp_last, vpp=options.vpp)
     write = options.layout if options.format == "torch" else Layout()
     return ImportPlan(cfg, options, source_dtypes, plan(cfg, write, options.spec), args)
 
@@ -248,7 +277,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     _check_distinct(ckpt.path, out)
     reader = HFReader(pl.source_dtypes, ckpt)
     summary = Summary("hf-to-mcore", ckpt.path, out, pl.layout, opts.spec, opts.format)
-    fingerprint = _fingerprint(ckpt, tp=opts.tp, pp=opts.pp, ep=opts.ep, spec=opts.spec, dtype=opts.dtype,
+    fingerprint = _fingerprint(ckpt, **layout_options(opts.layout), spec=opts.spec, dtype=opts.dtype,
                                window=opts.window_convention, version=__version__)
 
     with staging(out, opts.overwrite, resume=opts.resume) as tmp:
@@ -323,13 +352,12 @@ def _write_sidecar(root: Path, pl: ImportPlan, extra_files: list[Path]) -> None:
     write_tracker(root, "release")
     copy_files(extra_files, root / SIDECAR / "hf_files")
     (root / SIDECAR / "config.json").write_text(json.dumps(pl.cfg.raw, indent=2) + "\n")
-    manifest = {"stepconv": __version__, "format": pl.options.format,
-                "layout": {"tp": lay.tp_size, "pp": lay.pp_size, "ep": lay.ep_size},
+    manifest = {"stepconv": __version__, "format": pl.options.format, "layout": layout_options(lay),
                 "spec": pl.options.spec, "padded_vocab_size": pl.cfg.padded_vocab(lay.tp_size)}
     if pl.options.format == "torch":
         expected = rank_keys(pl.entries, lay)
-        manifest["rank_files"] = {rank_dir_name(t, p, e, lay.pp_size, lay.ep_size): len(expected[(t, p, e)])
-                                  for (t, p, e) in lay.ranks()}
+        manifest["rank_files"] = {rank_dir_name(t, p, e, lay.pp_size, lay.ep_size):
+                                  sum(map(len, expected[(t, p, e)].values())) for (t, p, e) in lay.ranks()}
     (root / SIDECAR / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
 
 
@@ -399,13 +427,16 @@ def plan_export(mcore_dir: str | os.PathLike, *, iteration: str | int | None = N
     args = first.get("args")
     lay = Layout.from_args(args, str(first_path))
     cfg = Step35Config.from_megatron_args(args, str(src.path), hf_config)
-    cfg.validate_parallel(lay.tp_size, lay.pp_size, lay.ep_size)
+    invalid = lay.problems(cfg)
+    if invalid:
+        raise StepconvError(f"{first_path}: args record {lay}, invalid for this model: {invalid[0]}")
     problems = rank_dir_problems(src.path, lay)
     meta = recorded_meta(args, src.path)
-    keys0 = list(first["model"])
-    spec = detect_spec(keys0)
+    chunks = rank_models(first, lay, first_path)
+    spec = detect_spec(chunks[0])
     last = src.path / rank_dir_name(0, lay.pp_size - 1, 0, lay.pp_size, lay.ep_size) / RANK_FILE
-    last_keys = keys0 if lay.pp_size == 1 or not last.exists() else list(load_rank_file(last)["model"])
+    last_keys = (list(chunks[-1]) if lay.pp_size == 1 or not last.exists()
+                 else list(rank_models(load_rank_file(last), lay, last)[-1]))
     entries = plan(cfg, lay, spec, detect_mtp_block(last_keys))
     return ExportPlan(src, cfg, lay, spec, args, first, entries, _hf_infos(cfg, entries, meta),
                       _use_sidecar(src, entries, meta), problems)
@@ -615,8 +646,8 @@ def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iterati
     src = plan_export(mcore_dir, iteration=iteration, hf_config=hf_config)
     if src.problems:
         raise StepconvError(src.problems[0])
-    lay, meta = src.layout, recorded_meta(src.args, src.source.path)
-    defaults = dict(tp=lay.tp_size, pp=lay.pp_size, ep=lay.ep_size, spec=src.spec, format=src.format,
+    meta = recorded_meta(src.args, src.source.path)
+    defaults = dict(reshard_layout(src.layout, options), spec=src.spec, format=src.format,
                     dtype=meta.get("dtype", "keep"), window_convention=meta.get("sliding_window_convention", "hf"))
     opts = ImportOptions.of({**defaults, **options})
     recorded = meta.get("source_dtypes") or {}  # (in the order the HF checkpoint listed them, as hf-to-mcore wrote)
@@ -643,15 +674,18 @@ def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iterati
 
 
 def rank_state_dict(src: ExportPlan, layout: Layout, spec: str, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
-    """One rank's legacy state dict for `layout`, from a checkpoint of any format: what `verify` loads into the
-    Megatron model when the checkpoint is torch_dist (or saved at another layout)."""
+    """One rank's legacy state dict for `layout` (without virtual stages: one model chunk), from a checkpoint of
+    any format: what `verify` loads into the Megatron model when the checkpoint is torch_dist (or saved at another
+    layout)."""
+    if layout.vpp_size:
+        raise StepconvError(f"internal: one state dict per rank asked for {layout}, which has model chunks")
     source = MegatronSource(src)
-    pl = plan_import(src.cfg, {i.name: i.dtype for i in src.infos},
-                     ImportOptions(layout.tp_size, layout.pp_size, layout.ep_size, spec))
+    pl = plan_import(src.cfg, {i.name: i.dtype for i in src.infos}, ImportOptions.for_layout(layout, spec=spec))
     out = {}
     for e in pl.entries:
         if e.stage != pp_rank or not e.on(ep_rank) or not e.kind.megatron:
             continue
-        out[e.key] = pl.step(e, source.read(e) if e.kind.sources else [])[tp_rank]
+        shards = pl.step(e, source.read(e) if e.kind.sources else [])
+        out[e.key] = shards[layout.shard_index(e.routed, tp_rank, pp_rank, ep_rank)]
     source.finish()
     return out

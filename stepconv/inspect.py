@@ -22,17 +22,17 @@ import tempfile
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 
-from .config import DTYPE_NAMES, Step35Config, StepconvError
+from .config import DTYPE_NAMES, Step35Config, StepconvError, compress
 from .convert import (DTYPE_CHOICES, ExportPlan, ImportOptions, ImportPlan, config_dtypes, export_notes,
-                      import_notes, plan_export, plan_import)
+                      import_notes, layout_options, plan_export, plan_import)
 from .engine import WorkerPlan, execute
 from .hf_io import INDEX_NAME, WEIGHT_SUFFIXES, HFCheckpoint, HFReader, HFWriter, hf_tensor_problems, parse_size
 from .mapping import Entry, hf_shapes
-from .megatron_io import MTP_HEADS, RANK_FILE, SIDECAR, TRACKER, load_rank_file
+from .megatron_io import MTP_HEADS, RANK_FILE, SIDECAR, TRACKER, load_rank_file, model_keys
 
 
 # --- report ---------------------------------------------------------------------------------
@@ -109,6 +109,11 @@ class InspectReport:
     ep: int
     spec: str
     dtype: str
+    etp: int = 0  # expert tensor-parallel size (= TP unless set)
+    pp_first: int | None = None  # layers on the first / last PP stage when uneven
+    pp_last: int | None = None
+    vpp: int | None = None  # virtual pipeline stages per PP rank
+    stages: list[str] = field(default_factory=list)  # where the layers sit (Layout.describe)
     model: dict = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -148,20 +153,25 @@ class InspectReport:
 def inspect_path(path: str | os.PathLike, *, tp: int | None = None, pp: int | None = None, ep: int | None = None,
                  spec: str | None = "te", dtype: str = "keep", full: bool = False, iteration: str | int | None = None,
                  hf_config: str | os.PathLike | None = None, max_shard_size: str = "5GB",
-                 jobs: int | None = None, max_memory: int | None = None, format: str = "torch") -> InspectReport:
+                 jobs: int | None = None, max_memory: int | None = None, format: str = "torch",
+                 etp: int | None = None, pp_first: int | None = None, pp_last: int | None = None,
+                 vpp: int | None = None) -> InspectReport:
     """Plan a conversion of `path` without writing anything; every problem found lands in `report.errors`.
 
-    HF input (folder or config.json): the hf-to-mcore plan for TP/PP/EP (default 1), `spec` (te|local)
-    and `dtype` (keep|bf16|fp32). Megatron input: the mcore-to-hf plan; TP/PP/EP and spec come from the
-    checkpoint (values passed that disagree are reported as errors); `hf_config` overrides the config carried
-    in args. `full` lists every tensor; `jobs` and `max_memory` are the conversion's (they size its workers).
+    HF input (folder or config.json): the hf-to-mcore plan for TP/PP/EP (default 1), ETP (default TP), uneven
+    first/last stages and virtual stages (default none), `spec` (te|local) and `dtype` (keep|bf16|fp32). Megatron
+    input: the mcore-to-hf plan; the layout and spec come from the checkpoint (values passed that disagree are
+    reported as errors); `hf_config` overrides the config carried in args. `full` lists every tensor; `jobs` and
+    `max_memory` are the conversion's (they size its workers).
     """
     p = Path(path)
+    given = dict(tp=tp, pp=pp, ep=ep, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp)
     if p.is_dir() and _is_megatron(p):
-        return _inspect_mcore(p, tp=tp, pp=pp, ep=ep, spec=spec, full=full, iteration=iteration,
+        return _inspect_mcore(p, given, spec=spec, full=full, iteration=iteration,
                               hf_config=hf_config, max_shard_size=max_shard_size, jobs=jobs)
     return _inspect_hf(p, ImportOptions(tp or 1, pp or 1, ep or 1, spec or "te", dtype, jobs=jobs,
-                                        max_memory=max_memory, format=format), full=full)
+                                        max_memory=max_memory, format=format, etp=etp, pp_first=pp_first,
+                                        pp_last=pp_last, vpp=vpp), full=full)
 
 
 def _is_megatron(p: Path) -> bool:
@@ -170,8 +180,10 @@ def _is_megatron(p: Path) -> bool:
 
 # --- HF input ---------------------------------------------------------------------------------
 def _inspect_hf(p: Path, opts: ImportOptions, *, full: bool) -> InspectReport:
+    lay = opts.layout
     rep = InspectReport(str(p), "hf", "hf-to-mcore", opts.tp, opts.pp, opts.ep, opts.spec, opts.dtype,
-                        format=opts.format)
+                        format=opts.format, etp=lay.etp_size, pp_first=lay.pp_first, pp_last=lay.pp_last,
+                        vpp=lay.vpp_size)
     if p.is_file() or (not p.exists() and p.suffix == ".json"):
         cfg_path, folder = p, None
         rep.source_kind = "config"
@@ -215,6 +227,7 @@ def _inspect_hf(p: Path, opts: ImportOptions, *, full: bool) -> InspectReport:
         rep.notes.append("layout invalid: mapping shown for TP=1 PP=1 EP=1; no rank files planned")
         return rep
     pl = plan_import(cfg, dtypes, opts)
+    rep.stages = lay.describe(cfg.num_layers) if lay.pp_size > 1 else []
     rep.mapping = _mapping(pl)
     reader = HFReader(dtypes, meta=True)
     # the dry run's sparse files hold only zip headers; on tmpfs, deleting them is instant (on a disk
@@ -261,18 +274,24 @@ def _rank_of(pl: ImportPlan, name: str) -> tuple[int, int, int]:
 
 
 # --- Megatron input ---------------------------------------------------------------------------
-def _inspect_mcore(root: Path, *, tp, pp, ep, spec, full, iteration, hf_config, max_shard_size, jobs) -> InspectReport:
-    rep = InspectReport(str(root), "mcore", "mcore-to-hf", tp or 0, pp or 0, ep or 0, spec or "", "keep")
+def _inspect_mcore(root: Path, given: dict, *, spec, full, iteration, hf_config, max_shard_size,
+                   jobs) -> InspectReport:
+    rep = InspectReport(str(root), "mcore", "mcore-to-hf", given["tp"] or 0, given["pp"] or 0, given["ep"] or 0,
+                        spec or "", "keep")
     try:
         pl = plan_export(root, iteration=iteration, hf_config=hf_config)
     except StepconvError as e:
         rep.errors.append(str(e))
         return rep
     lay = pl.layout
-    rep.tp, rep.pp, rep.ep = lay.tp_size, lay.pp_size, lay.ep_size
-    for name, given, have in (("--tp", tp, lay.tp_size), ("--pp", pp, lay.pp_size), ("--ep", ep, lay.ep_size)):
-        if given is not None and given != have:
-            rep.errors.append(f"{name} {given} does not match the checkpoint ({name[2:].upper()}={have} in its args); "
+    rep.tp, rep.pp, rep.ep, rep.etp = lay.tp_size, lay.pp_size, lay.ep_size, lay.etp_size
+    rep.pp_first, rep.pp_last, rep.vpp = lay.pp_first, lay.pp_last, lay.vpp_size
+    rep.stages = lay.describe(pl.cfg.num_layers) if lay.pp_size > 1 else []
+    for key, have in layout_options(lay).items():
+        if given[key] is not None and given[key] != have:
+            name = "--" + key.replace("_", "-")
+            label = {"pp_first": "PP-first", "pp_last": "PP-last"}.get(key, key.upper())
+            rep.errors.append(f"{name} {given[key]} does not match the checkpoint ({label}={have} in its args); "
                               f"mcore-to-hf takes the layout from the checkpoint")
     if spec not in (None, "te") and spec != pl.spec:  # "te" is the default, not a claim about this folder
         rep.errors.append(f"--spec {spec} does not match the checkpoint (its keys are the {pl.spec} spec)")
@@ -289,11 +308,12 @@ def _inspect_mcore(root: Path, *, tp, pp, ep, spec, full, iteration, hf_config, 
     for t, s, e in (lay.ranks() if pl.format == "torch" else ()):
         f = files.path(t, s, e)
         if f.exists():
-            model = load_rank_file(f)["model"]  # mmap: keys and shapes, no tensor data
-            ts = [v for v in model.values() if isinstance(v, torch.Tensor)]
+            obj = load_rank_file(f)  # mmap: keys and shapes, no tensor data
+            values = [v for k in model_keys(obj) for v in obj[k].values()]
+            ts = [v for v in values if isinstance(v, torch.Tensor)]
             rep.rank_files.append(RankFile(f"{pl.source.path.name}/{f.parent.name}/{RANK_FILE}", t, s, e,
                                            f.stat().st_size, sum(v.numel() * v.element_size() for v in ts), len(ts),
-                                           len(model)))
+                                           len(values)))
     try:
         max_bytes = parse_size(max_shard_size)
     except StepconvError as e:
@@ -339,38 +359,6 @@ def _hf_pattern(names: Sequence[str]) -> str:
     suf = suf[suf.find("_"):] if "_" in suf else suf[suf.find("."):] if "." in suf else ""
     mids = [n[len(pre):len(n) - len(suf)] for n in names]
     return f"{pre}{{{','.join(mids)}}}{suf}"
-
-
-def compress(nums: Iterable[int]) -> str:
-    """{0..2}, {3..44}, {0..44 step 4}, {1..43 except 4..40 step 4}: the shortest of a direct and a complement form."""
-    s = sorted(set(nums))
-    if not s:
-        return ""
-    direct = _runs(s)
-    span = set(range(s[0], s[-1] + 1))
-    holes = sorted(span - set(s))
-    if holes:
-        alt = f"{s[0]}..{s[-1]} except {_runs(holes)}"
-        if len(alt) < len(direct):
-            return alt
-    return direct
-
-
-def _runs(s: list[int]) -> str:
-    parts, i = [], 0
-    while i < len(s):
-        j = i
-        if i + 1 < len(s):
-            step = s[i + 1] - s[i]
-            while j + 1 < len(s) and s[j + 1] - s[j] == step:
-                j += 1
-            if j - i >= 2 or (step == 1 and j > i):
-                parts.append(f"{s[i]}..{s[j]}" + (f" step {step}" if step != 1 else ""))
-                i = j + 1
-                continue
-        parts.append(str(s[i]))
-        i += 1
-    return ",".join(parts)
 
 
 def _how(e: Entry, pl: ImportPlan | ExportPlan) -> str:
@@ -491,7 +479,12 @@ def render(report: InspectReport, *, max_rank_lines: int = 64) -> str:
                      f"{m['experts']} experts (top-{m['top_k']}) on {m['moe_layers']} MoE layers")
         lines.append(f"  params     {_count(m['params'])} ({_count(m['expert_params'])} in routed experts), "
                      f"{m['hf_tensors']} HF tensors, {_size(m['hf_bytes'])} as HF safetensors")
-    lines.append(f"  plan       {r.direction}, TP={r.tp} PP={r.pp} EP={r.ep}, spec {r.spec}, dtype {r.dtype}, "
+    lay = ""
+    if r.etp and r.etp != r.tp:
+        lay += f" ETP={r.etp}"
+    lay += "".join(f" {n}={v}" for n, v in (("PP-first", r.pp_first), ("PP-last", r.pp_last), ("VPP", r.vpp))
+                   if v is not None)
+    lines.append(f"  plan       {r.direction}, TP={r.tp} PP={r.pp} EP={r.ep}{lay}, spec {r.spec}, dtype {r.dtype}, "
                  f"format {r.format}")
     if r.rank_files:
         sizes = [f.bytes for f in r.rank_files]
@@ -519,7 +512,9 @@ def render(report: InspectReport, *, max_rank_lines: int = 64) -> str:
         lines += ["", "Errors"] + [f"  - {e}" for e in r.errors]
     if r.rank_files:
         lines += ["", "Rank files" + (" (on disk)" if r.direction == "mcore-to-hf" else " (what the conversion writes)")
-                  + ": TP ranks of one PP stage and EP rank hold the same keys and shapes"]
+                  + ": TP ranks of one PP stage and EP rank hold the same keys and shapes"
+                  + (f"; one folder per distinct (TP, PP, EP) rank of megatron-core's grid (ETP={r.etp})"
+                     if r.etp and r.etp != r.tp else "")]
         groups = _group_ranks(r.rank_files)
         for i, (name, fs) in enumerate(groups):
             if i == max_rank_lines:
@@ -533,10 +528,12 @@ def render(report: InspectReport, *, max_rank_lines: int = 64) -> str:
     if r.mapping:
         lines += ["", "Name mapping (HF -> Megatron; {i} = layer index within its PP stage, {k} = MTP index, "
                       "{e} = local expert index)"]
-        if r.pp > 1 and m and r.planned:
-            per = m["layers"] // r.pp
-            lines.append(f"  PP={r.pp}: stage s holds layers {per}*s .. {per}*s+{per - 1} (i = L - {per}*s); "
-                         f"MTP layers on stage {r.pp - 1}")
+        if r.stages and r.planned:
+            last = f"model{r.vpp - 1} of " if r.vpp else ""
+            lines.append(f"  PP={r.pp}: i counts from 0 in each " + ("model chunk" if r.vpp else "stage")
+                         + f"; MTP layers in {last}stage {r.pp - 1}" + (", the embedding in model0 of stage 0"
+                                                                          if r.vpp else ""))
+            lines += [f"    {line}" for line in r.stages]
         for ml in r.mapping:
             hs = ml.hf_shapes
             shp = _shape(hs[0]) + (f"x{len(hs)}" if all(h == hs[0] for h in hs) and len(hs) > 1 else "") \

@@ -101,21 +101,26 @@ class RankFileWriter:
         self._tmp = path.with_name(path.name + ".tmp")  # renamed to `path` only once complete
         self._file = GuardedFile(self._tmp)
         self._zip = torch._C.PyTorchFileWriter(self._file)
-        self.model: OrderedDict[str, Any] = OrderedDict()
+        self.models: dict[str, OrderedDict[str, Any]] = {}  # "model", or "model0".. (one per VPP chunk)
         self.bytes_written = 0
         self.tensors = 0
         self._signature: list = []  # (key, dtype, shape) per entry: what data.pkl depends on besides args
 
-    def add(self, key: str, tensor: torch.Tensor | None) -> None:
-        if key in self.model:
-            raise StepconvError(f"internal: {key} written twice to {self.path}")
+    @property
+    def keys(self) -> int:
+        return sum(len(m) for m in self.models.values())
+
+    def add(self, key: str, tensor: torch.Tensor | None, model: str = "model") -> None:
+        sd = self.models.setdefault(model, OrderedDict())
+        if key in sd:
+            raise StepconvError(f"internal: {model}.{key} written twice to {self.path}")
         if tensor is None:  # megatron's `_extra_state` entries
-            self.model[key] = None
-            self._signature.append(key)
+            sd[key] = None
+            self._signature.append((model, key))
             return
         numel, dtype, shape = tensor.numel(), tensor.dtype, tuple(tensor.shape)
         nbytes = numel * dtype.itemsize
-        ref = _StorageRef(str(len(self.model)), dtype, numel)
+        ref = _StorageRef(str(self.keys), dtype, numel)
         if tensor.is_meta:  # dry run: torch lays out the record and skips its bytes (a sparse file)
             self._zip.write_record_metadata(f"data/{ref.key}", nbytes)
         else:
@@ -127,13 +132,13 @@ class RankFileWriter:
         self._file.check()
         self.bytes_written += nbytes
         self.tensors += 1
-        self.model[key] = _TensorRef(ref, shape)
-        self._signature.append((key, dtype, shape))
+        sd[key] = _TensorRef(ref, shape)
+        self._signature.append((model, key, dtype, shape))
 
     def finish(self, args: argparse.Namespace, iteration: int = 0, pickles: dict | None = None) -> None:
         """Write the pickled state dict and close. `pickles` caches data.pkl across files whose keys, dtypes and
         shapes are equal (the TP ranks of one stage and EP rank): pickling 4k refs costs ~0.25 s a file."""
-        obj = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, "model": self.model}
+        obj = {"args": args, "checkpoint_version": CHECKPOINT_VERSION, "iteration": iteration, **self.models}
         sig = (id(args), iteration, tuple(self._signature)) if pickles is not None else None
         data = pickles.get(sig) if sig is not None else None
         if data is None:
@@ -198,10 +203,27 @@ def load_rank_file(path: Path, need_model: bool = True) -> dict:
                                     f"globals ({str(e).splitlines()[0]})") from None
         except (RuntimeError, EOFError, OSError) as e:
             raise StepconvError(f"{path}: corrupt or truncated rank file ({str(e).splitlines()[0]})") from None
-    if not isinstance(obj, dict) or (need_model and "model" not in obj):
+    if not isinstance(obj, dict) or (need_model and not model_keys(obj)):
         keys = ", ".join(sorted(obj)) if isinstance(obj, dict) else type(obj).__name__
         raise StepconvError(f"{path}: no 'model' state dict (found {keys}); expected a Megatron legacy checkpoint")
     return obj
+
+
+_MODEL_KEY = re.compile(r"model\d*")
+
+
+def model_keys(obj: dict) -> list[str]:
+    """A rank file's model state dicts: `model`, or `model0`, `model1`.. (one per virtual pipeline stage)."""
+    return sorted((k for k in obj if isinstance(k, str) and _MODEL_KEY.fullmatch(k)), key=lambda k: (len(k), k))
+
+
+def rank_models(obj: dict, layout: Layout, path: Path) -> list[dict]:
+    """The model chunks of a loaded rank file, checked against the layout its args record (VPP or not)."""
+    have, want = model_keys(obj), layout.model_keys()
+    if have != want:
+        raise StepconvError(f"{path}: holds {', '.join(have)}; {layout} (from args) has "
+                            f"{', '.join(want)}")
+    return [obj[k] for k in want]
 
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
@@ -390,12 +412,16 @@ class LegacyWriter:
         self._pickle_lock = threading.Lock()
 
     def units(self, entries: list[Entry]) -> list[Unit]:
+        """One unit per (PP stage, EP rank): its rank folders (the TP ranks `layout.ranks()` has there)."""
         lay = self.layout
         units = heads_units(entries)
         for stage in range(lay.pp_size):
             for p in range(lay.ep_size):
+                tps = lay.tp_ranks(stage, p)
+                if not tps:  # (ETP unlike TP: this EP rank's experts live beside other TP ranks)
+                    continue
                 es = [e for e in entries if e.stage == stage and e.kind.megatron and e.on(p)]
-                outs = [rank_file(lay, t, stage, p) for t in range(lay.tp_size)]
+                outs = [rank_file(lay, t, stage, p) for t in tps]
                 units.append(Unit(f"stage {stage} ep {p}", es, outs, stage, p, primary=p == 0))
         return units
 
@@ -413,23 +439,28 @@ class LegacyWriter:
         if unit.name == HEADS_UNIT:
             writers[0].write(entry.hf[0], 0, tensors[0])
             return
-        for w, t in zip(writers, tensors):
-            w.add(entry.key, t)
+        lay = self.layout
+        model = lay.model_key(entry.chunk)
+        for t, w in zip(lay.tp_ranks(unit.stage, unit.ep_rank), writers):
+            w.add(entry.key, tensors[lay.shard_index(entry.routed, t, unit.stage, unit.ep_rank)], model)
 
     def end(self, unit: Unit) -> UnitResult:
         writers = self._open.pop(unit.name)
         if unit.name == HEADS_UNIT:
             return close_heads(self.root, writers[0])
         res = UnitResult()
-        want = [e.key for e in unit.entries]
+        want: dict[str, list[str]] = {m: [] for m in self.layout.model_keys()}
+        for e in unit.entries:
+            want[self.layout.model_key(e.chunk)].append(e.key)
         for out, w in zip(unit.outputs, writers):
-            if list(w.model) != want:
-                missing = [k for k in want if k not in w.model]
+            have = {m: list(w.models.get(m, ())) for m in want}
+            if have != want or set(w.models) - set(want):
+                missing = [f"{m}.{k}" for m, ks in want.items() for k in ks if k not in have[m]]
                 raise StepconvError(f"internal audit: {w.path} is missing {names_text(missing)}")
             with self._pickle_lock:
                 pickles = self._pickles.setdefault(unit.name, {})
             w.finish(self.args, pickles=pickles)
-            res.files[out] = FileStat(w.path.stat().st_size, w.bytes_written, w.tensors, len(w.model))
+            res.files[out] = FileStat(w.path.stat().st_size, w.bytes_written, w.tensors, w.keys)
             if self.dry:
                 w.path.unlink()  # a sparse scratch file: its size was the point
         with self._pickle_lock:
@@ -440,17 +471,19 @@ class LegacyWriter:
 class LegacyReader:
     """engine.Reader over a legacy checkpoint's rank files: a unit is one PP stage, whose rank files are
     loaded at once (mmap; nothing is unpickled but under megatron-core's safe globals) and checked against the
-    plan's keys; `read(entry)` returns the entry's TP shards. `meta=True` returns meta tensors of the files'
-    shapes and dtypes (for `inspect`: everything is checked, no tensor byte is read)."""
+    plan's keys; `read(entry)` returns the entry's TP shards (ETP shards for a routed expert), each from a rank
+    folder that holds it (`Layout.shard_sources`). `meta=True` returns meta tensors of the files' shapes and dtypes
+    (for `inspect`: everything is checked, no tensor byte is read)."""
 
-    def __init__(self, itdir: Path, layout: Layout, expected: dict[tuple[int, int, int], list[str]], spec: str, *,
-                 first: dict | None = None, meta: bool = False, heads: Path | None = None,
+    def __init__(self, itdir: Path, layout: Layout, expected: dict[tuple[int, int, int], dict[str, list[str]]],
+                 spec: str, *, first: dict | None = None, meta: bool = False, heads: Path | None = None,
                  entries: list[Entry] | None = None):
         self.itdir, self.layout, self.expected, self.spec, self.meta = itdir, layout, expected, spec, meta
         self.entries = entries  # the plan: every loaded tensor's shape and dtype is checked against it
         self.heads = heads  # stepconv's MTP-head sidecar, when it belongs to this iteration
         self._first = first  # rank (0, 0, 0)'s already loaded file
-        self._models: dict[tuple[int, int, int], dict] = {}  # (tp_rank, stage, ep_rank) -> state dict (mapped)
+        # (tp_rank, stage, ep_rank) -> the file's model chunks (mapped), `model` or `model0`..
+        self._models: dict[tuple[int, int, int], dict[str, dict]] = {}
         self._stages: set[int] = set()
         self._ranges: list[tuple[int, int]] = []
         self._touched = 0
@@ -472,40 +505,43 @@ class LegacyReader:
             self._load_stage(unit.stage)
 
     def _load_stage(self, stage: int) -> None:
-        """Map one PP stage's rank files (all TP and EP ranks) and check their keys against the plan."""
+        """Map one PP stage's rank files (every rank folder of the stage) and check their keys against the plan."""
         lay = self.layout
         with self._lock:
             if stage in self._stages:
                 return
-            for p in range(lay.ep_size):
-                for t in range(lay.tp_size):
-                    path = self.path(t, stage, p)
-                    if (t, stage, p) == (0, 0, 0) and self._first is not None:
-                        m = self._first["model"]
-                    else:
-                        m = load_rank_file(path)["model"]
+            for rank in (r for r in lay.ranks() if r[1] == stage):
+                path = self.path(*rank)
+                obj = self._first if rank == (0, 0, 0) and self._first is not None else load_rank_file(path)
+                models = dict(zip(lay.model_keys(), rank_models(obj, lay, path)))
+                for name, m in models.items():
                     # weights must match exactly; `_extra_state` entries carry none, and which modules have
                     # one depends on the TE version that saved the file, so they are neither required nor refused
-                    want = {k for k in self.expected[(t, stage, p)] if not k.endswith(EXTRA_STATE)}
+                    want = {k for k in self.expected[rank][name] if not k.endswith(EXTRA_STATE)}
                     have = {k for k in m if not k.endswith(EXTRA_STATE)}
                     if have != want:
                         miss, unexp = sorted(want - have), sorted(have - want)
-                        raise StepconvError(f"{path}: keys do not match {lay} spec {self.spec}: "
+                        where = f" ({name})" if lay.vpp_size else ""
+                        raise StepconvError(f"{path}{where}: keys do not match {lay} spec {self.spec}: "
                                             + "; ".join(x for x in (f"missing {names_text(miss)}" if miss else "",
                                                                     f"unexpected {names_text(unexp)}" if unexp else "")
                                                         if x))
-                    problem = rank_tensor_problem(path, m, self._shapes(t, stage, p))
+                    problem = rank_tensor_problem(path, m, self._shapes(rank, lay.model_keys().index(name)))
                     if problem:
                         raise StepconvError(problem)
-                    self._models[(t, stage, p)] = m
                     self._ranges.append(mapped_range(m))
+                self._models[rank] = models
             self._stages.add(stage)
 
-    def _shapes(self, tp_rank: int, stage: int, ep_rank: int) -> dict[str, tuple[tuple[int, ...], str]]:
-        """Each tensor's shape in this rank's file, from the plan (replicas on other stages included)."""
-        return {e.key: (e.kind.rank_shape(e.source_shapes, e.ctx, tp_rank), ", ".join(e.hf))
+    def _shapes(self, rank: tuple[int, int, int], chunk: int) -> dict[str, tuple[tuple[int, ...], str]]:
+        """Each tensor's shape in one model chunk of a rank file, from the plan (replicas on other stages included):
+        the folder's TP shard, or its ETP shard for a routed expert."""
+        tp_rank, stage, ep_rank = rank
+        shard = {routed: self.layout.shard_index(routed, *rank) for routed in (False, True)}
+        return {e.key: (e.kind.rank_shape(e.source_shapes, e.ctx, shard[e.routed]), ", ".join(e.hf))
                 for e in self.entries or ()
-                if e.stage == stage and e.on(ep_rank) and e.kind.megatron and e.rank_shape() is not None}
+                if e.stage == stage and e.chunk == chunk and e.on(ep_rank) and e.kind.megatron
+                and e.rank_shape() is not None}
 
     def nbytes(self, entry: Entry) -> int:
         return 0
@@ -516,12 +552,13 @@ class LegacyReader:
             with self._lock:
                 self.bytes_read += t.numel() * t.element_size()
             return [t]
-        p = entry.ep_rank if entry.ep_rank is not None else 0
         self._load_stage(entry.stage)  # (a reader used outside units maps stages as entries need them)
-        parts = [self._models[(t, entry.stage, p)][entry.key] for t in range(self.layout.tp_size)]
-        for t, s in enumerate(parts):
+        model = self.layout.model_key(entry.chunk)
+        ranks = self.layout.shard_sources(entry.stage, entry.ep_rank)
+        parts = [self._models[r][model][entry.key] for r in ranks]
+        for r, s in zip(ranks, parts):
             if not isinstance(s, torch.Tensor):
-                raise StepconvError(f"{self.path(t, entry.stage, p)}: {entry.key} is {type(s).__name__}, expected a tensor")
+                raise StepconvError(f"{self.path(*r)}: {entry.key} is {type(s).__name__}, expected a tensor")
         nbytes = sum(s.numel() * s.element_size() for s in parts)
         if self.meta:
             return [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in parts]
@@ -540,5 +577,5 @@ class LegacyReader:
             for key in [k for k in self._models if unit is None or k[1] == unit.stage]:
                 del self._models[key]
             self._stages = {s for s in self._stages if unit is not None and s != unit.stage}
-            self._ranges = [mapped_range(m) for m in self._models.values()]
+            self._ranges = [mapped_range(m) for ms in self._models.values() for m in ms.values()]
             self._first = None

@@ -316,7 +316,9 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
 
     weights = []
     for d, src in zip(mcore_dirs, srcs):
-        if src.format == "torch" and (src.layout.tp_size, src.layout.ep_size) == (tp, ep):
+        # the run's TP and EP with ETP = TP and one model chunk per rank (any PP): pieces straight from the rank files
+        if src.format == "torch" and (src.layout.tp_size, src.layout.ep_size, src.layout.etp_size) == (tp, ep, tp) \
+                and not src.layout.vpp_size:
             keys = [e.key for e in src.entries if e.stage == src.layout.pp_size - 1 and e.kind.megatron]
             weights.append(RankFileWeights(src.source.path, cfg.raw, src.layout, src.spec, detect_mtp_block(keys)))
         else:
