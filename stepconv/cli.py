@@ -46,7 +46,8 @@ def hf_to_mcore_cmd(
     hf_dir: Path = typer.Argument(..., help="Hugging Face Step-3.5-Flash folder (config.json + safetensors)."),
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output folder [default: <HF_DIR>-mcore beside the input]."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel size; must divide query groups and heads (e.g. 1, 2, 4, 8)."),
-    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size; must divide num_hidden_layers (e.g. 45 -> 1, 3, 5, 9)."),
+    pp: int = typer.Option(1, "--pp", help="Pipeline-parallel size; must divide num_hidden_layers (e.g. 45 -> 1, 3, 5, 9) "
+                                            "unless --pp-first/--pp-last take the remainder."),
     ep: int = typer.Option(1, "--ep", help="Expert-parallel size; must divide moe_num_experts (e.g. 288 -> 8)."),
     etp: Optional[int] = typer.Option(None, "--etp", help=ETP_HELP),
     pp_first: Optional[int] = typer.Option(None, "--pp-first", help=PP_FIRST_HELP),
@@ -71,6 +72,8 @@ def hf_to_mcore_cmd(
     """Convert a HF checkpoint to Megatron: legacy per-rank files (mp_rank_*/model_optim_rng.pt) or torch_dist.
 
     Example: stepconv hf-to-mcore --tp 4 --ep 8 --pp 3 Step-3.5-Flash/ -o Step-3.5-Flash-tp4-pp3-ep8
+
+    A training run's layout: stepconv hf-to-mcore --tp 2 --ep 8 --etp 1 --pp 8 --pp-first 3 --vpp 3 Step-3.5-Flash/
     """
     from .convert import hf_to_mcore
     from .hf_io import HFCheckpoint, parse_size
@@ -102,7 +105,8 @@ def mcore_to_hf_cmd(
                                                                   "thread [default: CPU count]."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
-    """Convert Megatron legacy per-rank files back to a HF folder; TP/PP/EP come from the checkpoint.
+    """Convert Megatron legacy per-rank files back to a HF folder; the layout (TP, PP, EP, ETP, stages, VPP) comes
+    from the checkpoint's args.
 
     Example: stepconv mcore-to-hf Step-3.5-Flash-mcore/ -o Step-3.5-Flash-hf --iteration 2000
     """

@@ -453,6 +453,8 @@ def layer_chunks(num_layers: int, pp_size: int, vpp_size: int | None = None, fir
     counts = [named.get(p, rest // stages if stages else 0) for p in range(pp_size)]
     if any(c % v for c in counts):
         raise ValueError(f"stage layer counts {counts} are not all divisible by VPP {v}")
+    if v > 1 and not stages:  # megatron-core 0.16's interleaved offset divides by the middle stage count
+        raise ValueError("virtual stages with both the first and the last stage given need a middle stage (PP > 2)")
     per_round = num_layers // v
     return tuple(tuple(range(c * per_round + sum(counts[:p]) // v, c * per_round + (sum(counts[:p]) + counts[p]) // v)
                        for c in range(v)) for p in range(pp_size))
@@ -491,6 +493,9 @@ def pipeline_problems(num_layers: int, pp_size: int, vpp_size: int | None = None
         ctx = f"--pp {pp}" + "".join(f" {n} {v}" for n, v, k in named if k != key)
         return [f"{name} {value} leaves {rest} layer(s) for the {others} other stage(s), which must split them evenly: "
                 f"valid {name} values with {ctx}: {compress(valid) or 'none'}"]
+    if first is not None and last is not None and pp == 2:
+        return ["--vpp with both --pp-first and --pp-last needs --pp > 2: megatron-core places the virtual stages by "
+                "the middle stages' share; give one of them"]
     counts = sorted({len(r[0]) for r in layer_chunks(L, pp, None, first, last)})
     valid = [v for v in range(1, max(counts) + 1) if all(c % v == 0 for c in counts)]
     return [f"--vpp {vpp_size} must divide every stage's layer count ({'/'.join(map(str, counts))}): "

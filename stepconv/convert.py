@@ -260,8 +260,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
                 progress: Progress | None = None, **options: Any) -> Summary:
     """Convert a HF folder to Megatron legacy rank files.
 
-    `options` are `ImportOptions` fields (tp, pp, ep, spec, dtype, window_convention, overwrite, resume,
-    max_memory, jobs); `stepconv hf-to-mcore --help` explains each. Example:
+    `options` are `ImportOptions` fields (tp, pp, ep, etp, pp_first, pp_last, vpp, spec, dtype, window_convention,
+    overwrite, resume, max_memory, jobs, format); `stepconv hf-to-mcore --help` explains each. Example:
     `hf_to_mcore("Step-3.5-Flash", "step35-tp4", tp=4, spec="local")`.
     """
     t0 = time.time()

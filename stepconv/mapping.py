@@ -2,14 +2,15 @@
 
 A `Rule` says: these HF tensors (with these shapes, in the config's dimensions) <-> this Megatron key,
 through this tensor kind (stepconv.kinds). `plan()` expands the table for one model and parallel layout
-into `Entry`s (one per Megatron key per PP stage; routed experts one per expert); conversions, `inspect`
-and `verify` all walk the same plan, and `hf_shapes()` is the plan's HF side.
+into `Entry`s (one per Megatron key per PP stage and model chunk; routed experts one per expert); conversions,
+`inspect` and `verify` all walk the same plan, and `hf_shapes()` is the plan's HF side. `Layout` is the parallel
+layout the plan is for, and everything layout-shaped (stages, chunks, rank folders, shard indices) derives from it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 import math
+from dataclasses import dataclass, field
 from functools import cached_property, lru_cache
 from typing import Any
 

@@ -11,7 +11,7 @@ from stepconv import convert, mapping
 from stepconv.config import AttnShape, StepconvError
 from stepconv.convert import hf_to_mcore, mcore_to_hf
 from stepconv.inspect import inspect_path
-from stepconv.megatron_io import load_rank_file, rank_dir_name
+from stepconv.megatron_io import load_rank_file, model_keys, rank_dir_name
 
 LAYOUTS = [  # (tp, pp, ep, spec, dtype)
     (1, 1, 1, "te", "keep"),
@@ -33,10 +33,11 @@ def assert_inspect_matches(hf, m, h, max_shard_size="5GB", **opts):
     files = {str(p.relative_to(m)): p for p in m.glob("release/*/model_optim_rng.pt")}
     assert sorted(f.name for f in r.rank_files) == sorted(files)
     for f in r.rank_files:
-        model = load_rank_file(files[f.name])["model"]
-        tensors = [v for v in model.values() if isinstance(v, torch.Tensor)]
+        obj = load_rank_file(files[f.name])
+        values = [v for k in model_keys(obj) for v in obj[k].values()]  # (`model`, or `model0`.. with VPP)
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
         assert (f.bytes, f.keys, f.tensors, f.data_bytes) == (
-            files[f.name].stat().st_size, len(model), len(tensors), sum(t.numel() * t.element_size() for t in tensors))
+            files[f.name].stat().st_size, len(values), len(tensors), sum(t.numel() * t.element_size() for t in tensors))
     assert {f.name: f.bytes for f in r.sidecar_files} == {
         str(p.relative_to(m)): p.stat().st_size for p in (m / "stepconv").glob("*.safetensors")}
     back = inspect_path(m, max_shard_size=max_shard_size)
