@@ -367,6 +367,8 @@ def _how(e: Entry, pl: ImportPlan | ExportPlan) -> str:
         ep = pl.layout.ep_size
         bits.append(f"EP-split {pl.cfg.num_experts // ep}/rank" if ep > 1 else "experts")
     how = e.kind.how
+    if e.routed and pl.layout.etp_size != pl.layout.tp_size:  # routed experts are split over ETP ranks
+        how = how.replace("TP-split", f"ETP-split ({pl.layout.etp_size})")
     if e.kind.name == "vocab":
         how = f"vocab-padded to {pl.cfg.padded_vocab(pl.layout.tp_size)}, TP-split rows"
     elif not e.kind.megatron:

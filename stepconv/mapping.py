@@ -217,11 +217,6 @@ class Layout:
             out.append(f"{self} needs {self.world_size} ranks; stepconv plans layouts of up to {MAX_WORLD}")
         return out + (self.rank_problems() if legacy and not out else [])
 
-    def runnable(self, num_layers: int) -> "Layout":
-        """The plain layout (ETP = TP, even stages, one model chunk) stepconv's Megatron runner uses in place of this
-        one: the same TP, PP and EP sizes, PP 1 when `num_layers` do not split evenly over the PP stages."""
-        return Layout(self.tp_size, self.pp_size if num_layers % self.pp_size == 0 else 1, self.ep_size)
-
     def describe(self, num_layers: int) -> list[str]:
         """Where the layers sit, one line per PP stage: "stage 1: layers 2..3 (model0), 6..7 (model1)"."""
         out = []
@@ -248,11 +243,11 @@ class Layout:
         """(tp_rank, pp_rank, ep_rank) of every rank file, in file order: the distinct ones of `grid()` (each is
         one `mp_rank_TT[_PPP][_EEE]` folder). Megatron-LM writes each from one rank of that grid, so with ETP
         unlike TP only some TP x EP pairs exist (TP=2 EP=2 ETP=1: (0, 0) and (1, 1))."""
-        return sorted({g[:3] for g in self.grid()}, key=lambda r: (r[1], r[2], r[0]))
+        return list(_ranks(self))
 
-    def tp_ranks(self, pp_rank: int, ep_rank: int) -> list[int]:
+    def tp_ranks(self, pp_rank: int, ep_rank: int) -> tuple[int, ...]:
         """The TP ranks with a rank folder at this PP stage and EP rank."""
-        return [t for t, p, e in self.ranks() if p == pp_rank and e == ep_rank]
+        return _tp_ranks(self, pp_rank, ep_rank)
 
     def expert_tp_rank(self, tp_rank: int, pp_rank: int, ep_rank: int) -> int:
         """The ETP shard of the routed experts in rank folder (tp_rank, pp_rank, ep_rank)."""
@@ -312,6 +307,16 @@ def _grid(layout: Layout) -> list[tuple[int, int, int, int]]:
     per_stage = layout.world_size // layout.pp_size
     # global rank = tp + TP * dp + TP * DP * pp (dense) = etp + ETP * (ep + EP * edp) + ETP * EP * EDP * pp (experts)
     return [(r % tp, r // per_stage, (r % per_stage) // etp % ep, r % etp) for r in range(layout.world_size)]
+
+
+@lru_cache(maxsize=64)
+def _ranks(layout: Layout) -> tuple[tuple[int, int, int], ...]:
+    return tuple(sorted({g[:3] for g in layout.grid()}, key=lambda r: (r[1], r[2], r[0])))
+
+
+@lru_cache(maxsize=1024)
+def _tp_ranks(layout: Layout, pp_rank: int, ep_rank: int) -> tuple[int, ...]:
+    return tuple(t for t, p, e in _ranks(layout) if p == pp_rank and e == ep_rank)
 
 
 @lru_cache(maxsize=64)

@@ -408,6 +408,8 @@ class LegacyWriter:
                  dry: bool = False):
         self.root, self.layout, self.args, self.heads, self.dry = root, layout, args, heads, dry
         self._open: dict[str, list] = {}
+        self._shards: dict[str, dict[bool, list[int]]] = {}
+        self._models = layout.model_keys()
         self._pickles: dict = {}
         self._pickle_lock = threading.Lock()
 
@@ -432,6 +434,11 @@ class LegacyWriter:
         if unit.name == HEADS_UNIT:
             self._open[unit.name] = [open_heads(self.root, self.heads, self.dry)]
         else:
+            lay = self.layout
+            tps = lay.tp_ranks(unit.stage, unit.ep_rank)
+            # which of an entry's shards each file takes: by TP rank, or by ETP rank for a routed expert
+            self._shards[unit.name] = {routed: [lay.shard_index(routed, t, unit.stage, unit.ep_rank) for t in tps]
+                                       for routed in (False, True)}
             self._open[unit.name] = [RankFileWriter(self.root / o) for o in unit.outputs]
 
     def put(self, unit: Unit, entry: Entry, tensors) -> None:
@@ -439,15 +446,15 @@ class LegacyWriter:
         if unit.name == HEADS_UNIT:
             writers[0].write(entry.hf[0], 0, tensors[0])
             return
-        lay = self.layout
-        model = lay.model_key(entry.chunk)
-        for t, w in zip(lay.tp_ranks(unit.stage, unit.ep_rank), writers):
-            w.add(entry.key, tensors[lay.shard_index(entry.routed, t, unit.stage, unit.ep_rank)], model)
+        model = self._models[entry.chunk]
+        for i, w in zip(self._shards[unit.name][entry.routed], writers):
+            w.add(entry.key, tensors[i], model)
 
     def end(self, unit: Unit) -> UnitResult:
         writers = self._open.pop(unit.name)
         if unit.name == HEADS_UNIT:
             return close_heads(self.root, writers[0])
+        self._shards.pop(unit.name)
         res = UnitResult()
         want: dict[str, list[str]] = {m: [] for m in self.layout.model_keys()}
         for e in unit.entries:
@@ -484,6 +491,8 @@ class LegacyReader:
         self._first = first  # rank (0, 0, 0)'s already loaded file
         # (tp_rank, stage, ep_rank) -> the file's model chunks (mapped), `model` or `model0`..
         self._models: dict[tuple[int, int, int], dict[str, dict]] = {}
+        self._model_names = layout.model_keys()
+        self._sources: dict[tuple[int, int | None], list[tuple[int, int, int]]] = {}  # shard -> rank folder
         self._stages: set[int] = set()
         self._ranges: list[tuple[int, int]] = []
         self._touched = 0
@@ -553,8 +562,9 @@ class LegacyReader:
                 self.bytes_read += t.numel() * t.element_size()
             return [t]
         self._load_stage(entry.stage)  # (a reader used outside units maps stages as entries need them)
-        model = self.layout.model_key(entry.chunk)
-        ranks = self.layout.shard_sources(entry.stage, entry.ep_rank)
+        model = self._model_names[entry.chunk]
+        where = (entry.stage, entry.ep_rank)
+        ranks = self._sources.get(where) or self._sources.setdefault(where, self.layout.shard_sources(*where))
         parts = [self._models[r][model][entry.key] for r in ranks]
         for r, s in zip(ranks, parts):
             if not isinstance(s, torch.Tensor):

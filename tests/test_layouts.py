@@ -14,7 +14,8 @@ import torch
 
 from conftest import ROOT, bit_equal, load_hf, make_fixture
 from stepconv.config import Step35Config, StepconvError, layer_chunks
-from stepconv.convert import hf_to_mcore, layout_options, mcore_to_hf, reshard
+from stepconv.convert import (ImportOptions, config_dtypes, hf_to_mcore, layout_options, mcore_to_hf, plan_import,
+                              reshard)
 from stepconv.inspect import inspect_path, render
 from stepconv.mapping import Layout, plan
 from stepconv.megatron_io import load_rank_file, rank_dir_name
@@ -149,6 +150,13 @@ def test_files_and_args(tmp_path, hf8):
             a.expert_tensor_parallel_size, a.virtual_pipeline_model_parallel_size,
             a.num_virtual_stages_per_pipeline_rank) == (2, 2, 2, 1, 2, 2)
     assert a.decoder_first_pipeline_num_layers is None and a.decoder_last_pipeline_num_layers is None
+    cfg = Step35Config.from_file(hf8 / "config.json")
+    plain = plan_import(cfg, config_dtypes(cfg), ImportOptions(tp=2)).args  # Megatron-LM's values without them
+    assert (plain.expert_tensor_parallel_size, plain.virtual_pipeline_model_parallel_size,
+            plain.num_virtual_stages_per_pipeline_rank, plain.decoder_first_pipeline_num_layers,
+            plain.decoder_last_pipeline_num_layers) == (2, None, None, None, None)
+    uneven = plan_import(cfg, config_dtypes(cfg), ImportOptions(pp=2, pp_first=3, pp_last=5)).args
+    assert (uneven.decoder_first_pipeline_num_layers, uneven.decoder_last_pipeline_num_layers) == (3, 5)
     # PP rank 0 holds layers 0,1 (model0) and 4,5 (model1); PP rank 1 holds 2,3 and 6,7, each chunk from local 0
     norm = "input_layernorm.weight"
     for obj, layers in ((first, (0, 1, 4, 5)), (last, (2, 3, 6, 7))):
@@ -195,6 +203,27 @@ def test_export_reads_the_layout_megatron_lm_recorded(tmp_path, hf8):
     mcore_to_hf(m, tmp_path / "h")
     src, back = load_hf(hf8), load_hf(tmp_path / "h")
     assert all(bit_equal(src[n], back[n]) for n in src)
+
+
+def test_verify_reads_these_layouts_at_the_runs_tp_and_ep(tmp_path, hf8):
+    """verify's Megatron side runs one piece at a time at TP x EP with ETP = TP: for a VPP + ETP checkpoint its
+    pieces are re-split from the checkpoint (ResplitWeights), and equal those a plain conversion's rank files give."""
+    from stepconv.mcore.stream import RankFileWeights, ResplitWeights
+
+    a, plain = tmp_path / "a", tmp_path / "plain"
+    hf_to_mcore(hf8, a, tp=2, pp=2, vpp=2, ep=2, etp=1, spec="local")
+    hf_to_mcore(hf8, plain, tp=2, pp=2, ep=2, spec="local")
+    cfg = Step35Config.from_file(hf8 / "config.json")
+    resplit = ResplitWeights(a, None, hf8 / "config.json", 2, 2)
+    files = RankFileWeights(plain / "release", cfg.raw, Layout(2, 2, 2), "local")
+    pieces = [("embedding", "first"), ("embedding", "mtp"), ("norm",), ("output",)] + [
+        ("layer", i) for i in range(cfg.num_layers + cfg.num_mtp)]
+    for piece in pieces:
+        for t in range(2):
+            for e in range(2):
+                got, want = resplit(piece, t, e), files(piece, t, e)
+                assert sorted(got) == sorted(want), piece
+                assert all(bit_equal(got[k], want[k]) for k in want if want[k] is not None), (piece, t, e)
 
 
 def test_reshard_between_layouts_and_torch_dist(tmp_path, hf8):
