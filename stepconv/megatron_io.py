@@ -409,7 +409,7 @@ class LegacyWriter:
         self.root, self.layout, self.args, self.heads, self.dry = root, layout, args, heads, dry
         self._open: dict[str, list] = {}
         self._shards: dict[str, dict[bool, list[int]]] = {}
-        self._models = layout.model_keys()
+        self._model_names = layout.model_keys()
         self._pickles: dict = {}
         self._pickle_lock = threading.Lock()
 
@@ -446,7 +446,7 @@ class LegacyWriter:
         if unit.name == HEADS_UNIT:
             writers[0].write(entry.hf[0], 0, tensors[0])
             return
-        model = self._models[entry.chunk]
+        model = self._model_names[entry.chunk]
         for i, w in zip(self._shards[unit.name][entry.routed], writers):
             w.add(entry.key, tensors[i], model)
 

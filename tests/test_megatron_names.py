@@ -137,7 +137,8 @@ def _worker(rank, port, cfg, hf_dir, root, out):
         for n, (lay, per_chunk_arg) in enumerate(LAYOUTS):
             ps.destroy_model_parallel()
             ps.initialize_model_parallel(lay.tp_size, lay.pp_size, lay.vpp_size, expert_model_parallel_size=lay.ep_size,
-                                         expert_tensor_parallel_size=lay.etp_size)
+                                         expert_tensor_parallel_size=lay.etp_size,
+                                         create_gloo_process_groups=False)  # (the groups are gloo already)
             with cpu_tensor_cuda_is_identity():  # PP>1: the MTP stage's embedding copy is synced via .cuda()
                 chunks = [_build_released_model(cfg, lay.tp_size, lay.pp_size, lay.ep_size, etp=lay.etp_size,
                                                 pp_first=lay.pp_first, pp_last=lay.pp_last, vpp=lay.vpp_size,
