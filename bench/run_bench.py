@@ -26,6 +26,14 @@
 
 `--profile` also runs hf-to-mcore --tp 4 and mcore-to-hf under py-spy (`pip install py-spy`) and prints
 where the samples land.
+
+    python bench/run_bench.py --real-width --side-by-side 8 [--via-library]
+
+issue 11's measurement (`bench_side_by_side`): the real widths (hidden 4096, real head counts, 288 experts,
+vocab 128896; `--rw-layers` 2 layers, `--rw-dense` 1 of them dense; every weight distinct) and/or 1/8 scale,
+each conversion (TP=4, EP=2, TP=2xEP=2, torch_dist, TP=2, mcore-to-hf, compare) next to `cp -r` in the same
+run, with CPU seconds per GB, peak RSS, the load average, and the fixed cost of a run; at most two copies of
+a checkpoint on disk (~25 GB free for the real-width case).
 """
 
 from __future__ import annotations
@@ -35,6 +43,7 @@ import functools
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -54,8 +63,9 @@ GiB = 1 << 30
 
 # --- 1. synthetic checkpoint -------------------------------------------------------------------
 def synth_config(scale: int = 16, *, layers: int = 45, mtp: int = 3, experts: int = 288,
-                 vocab: int = 128896) -> dict:
-    """The real config.json with every width divided by `scale`; layer pattern rebuilt for `layers` + `mtp`."""
+                 vocab: int = 128896, dense: int = 3) -> dict:
+    """The real config.json with every width divided by `scale`; layer pattern rebuilt for `layers` + `mtp`, the
+    first `dense` layers dense (the real model: 3), the rest MoE."""
     if scale < 1 or scale & (scale - 1) or scale > 64:
         raise ValueError(f"scale must be a power of two <= 64 (so widths 4096, 128, 11264, 1280 stay integral); "
                          f"got {scale}")
@@ -71,7 +81,7 @@ def synth_config(scale: int = 16, *, layers: int = 45, mtp: int = 3, experts: in
     cfg["layer_types"] = types
     cfg["rope_theta"] = [5000000.0 if t == "full_attention" else 10000.0 for t in types]
     cfg["partial_rotary_factors"] = [0.5 if t == "full_attention" else 1.0 for t in types]
-    cfg["moe_layers_enum"] = ",".join(str(i) for i in range(3, layers))
+    cfg["moe_layers_enum"] = ",".join(str(i) for i in range(min(dense, layers), layers))
     cfg["swiglu_limits"] = [7 if i in (layers - 2, layers - 1) else 0.0 for i in range(n)]
     cfg["swiglu_limits_shared"] = [16 if i == layers - 1 else 0.0 for i in range(n)]
     return cfg
@@ -142,8 +152,36 @@ def _fill(name: str, shape, dtype: torch.dtype, block: torch.Tensor) -> torch.Te
     return t
 
 
-def make_synthetic(out: str | os.PathLike, scale: int = 16, *, shard_bytes: int = 2 * 10**9, **kw) -> dict:
-    """Write the synthetic HF checkpoint to `out`; returns its facts (sizes, largest tensors)."""
+# bf16 bit patterns 0x3A00-0x3CFF: positive normal numbers 2^-11 .. 2^-5 (about the real weights' magnitude), never NaN
+_BF16_LO, _BF16_HI = 0x3A00, 0x3D00
+
+
+def _fill_distinct(name: str, shape, dtype: torch.dtype) -> torch.Tensor:
+    """Every element drawn on its own (seeded by the name and the row block): each expert of a stack has its own
+    weights, so no converter or cache can profit from repeats. Random bf16 bit patterns (~4x faster to draw than
+    randn), row blocks drawn on all cores (each block its own generator, so the result does not depend on them)."""
+    if dtype != torch.bfloat16:
+        g = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+        return (torch.randn(*shape, generator=g) * 0.1).to(dtype)
+    t = torch.empty(shape, dtype=torch.int16)
+    flat = t.view(-1)
+    step = 1 << 22
+
+    def block(k: int) -> None:
+        g = torch.Generator().manual_seed(zlib.crc32(f"{name}/{k}".encode()))
+        flat[k:k + step].random_(_BF16_LO, _BF16_HI, generator=g)
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        list(pool.map(block, range(0, flat.numel(), step)))
+    return t.view(torch.bfloat16)
+
+
+def make_synthetic(out: str | os.PathLike, scale: int = 16, *, shard_bytes: int = 2 * 10**9, distinct: bool = False,
+                   **kw) -> dict:
+    """Write the synthetic HF checkpoint to `out`; returns its facts (sizes, largest tensors). `distinct`: every
+    element drawn on its own (the real-width case) instead of tiling one random 1M-element block."""
     out = Path(out)
     if out.exists():
         shutil.rmtree(out)
@@ -165,7 +203,8 @@ def make_synthetic(out: str | os.PathLike, scale: int = 16, *, shard_bytes: int 
     t0 = time.time()
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        tensors = {n: _fill(n, shapes[n], dtypes[n], block) for n in shard}
+        tensors = {n: _fill_distinct(n, shapes[n], dtypes[n]) if distinct else _fill(n, shapes[n], dtypes[n], block)
+                   for n in shard}
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         for n in shard:
             weight_map[n] = fname
@@ -266,7 +305,8 @@ def measure(cmd: list[str], warm_paths=(), *, log: Path | None = None, interval:
         time.sleep(interval)
     wall = time.perf_counter() - t0
     io = _io(proc.pid)  # exited, not yet reaped: the whole tree's totals
-    rc = proc.wait()
+    _, status, ru = os.wait4(proc.pid, 0)  # CPU time of the child and its reaped descendants
+    rc = proc.returncode = os.waitstatus_to_exitcode(status)
     if log:
         out.close()
     t1 = time.perf_counter()
@@ -276,15 +316,47 @@ def measure(cmd: list[str], warm_paths=(), *, log: Path | None = None, interval:
         tail = log.read_text(errors="replace")[-2000:] if log else ""
         raise RuntimeError(f"{' '.join(cmd)} exited {rc}\n{tail}")
     return {"cmd": " ".join(cmd), "wall_s": wall, "sync_s": sync_s, "total_s": wall + sync_s,
+            "cpu_s": ru.ru_utime + ru.ru_stime, "load": os.getloadavg()[0],
             "peak_rss": max(peak_tree, hwm), "peak_tree_rss": peak_tree, "vm_hwm": hwm, "samples": samples,
             "peak_rss_anon": anon, "peak_rss_file": file_,
             "rchar": io["rchar"], "wchar": io["wchar"], "read_bytes": io["read_bytes"],
             "write_bytes": io["write_bytes"], "warmed_bytes": warmed}
 
 
+VIA_LIBRARY = False  # --via-library: run conversions as `run_bench.py --call ...` (library calls, no typer)
+
+
+def call_library(argv: list[str]) -> int:
+    """`stepconv hf-to-mcore|mcore-to-hf|compare` with the options the benchmark uses, through the library API, for
+    machines where the CLI's own dependencies (typer, pydantic) are missing."""
+    from stepconv.compare import compare_hf
+    from stepconv.convert import hf_to_mcore, mcore_to_hf
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("command")
+    ap.add_argument("paths", nargs="+")
+    ap.add_argument("-o", dest="out")
+    ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1)
+    ap.add_argument("--format", default="torch")
+    a = ap.parse_args(argv)
+    if a.command == "hf-to-mcore":
+        hf_to_mcore(a.paths[0], a.out, tp=a.tp, ep=a.ep, format=a.format)
+    elif a.command == "mcore-to-hf":
+        mcore_to_hf(a.paths[0], a.out)
+    else:
+        return 0 if compare_hf(a.paths[0], a.paths[1]).identical else 1
+    return 0
+
+
 def stepconv_cmd(*args: str) -> list[str]:
+    if VIA_LIBRARY:
+        return [sys.executable, str(Path(__file__).resolve()), "--call", *args]
     exe = Path(sys.executable).with_name("stepconv")
-    return [str(exe) if exe.exists() else "stepconv", *args]
+    if exe.exists():
+        return [str(exe), *args]
+    return ["stepconv", *args] if shutil.which("stepconv") else [sys.executable, "-m", "stepconv.cli", *args]
 
 
 def bench_scale(scale: int, work: Path, *, keep: bool = False, shard_bytes: int = 2 * 10**9, repeat: int = 3,
@@ -356,6 +428,111 @@ def bench_scale(scale: int, work: Path, *, keep: bool = False, shard_bytes: int 
         r["ratio_per_byte"] = (r["total_s"] / r["output_bytes"]) / (b["total_s"] / b["output_bytes"]) if b else None
         r["rss_vs_bound"] = r["peak_rss"] / facts["rss_bound"]
     return {"facts": facts, "runs": runs}
+
+
+IMPORT_RUNS = (("hf-to-mcore TP=4", ("--tp", "4")), ("hf-to-mcore EP=2", ("--ep", "2")),
+               ("hf-to-mcore TP=2 EP=2", ("--tp", "2", "--ep", "2")),
+               ("hf-to-mcore torch_dist", ("--format", "torch_dist", "--tp", "2")),
+               ("hf-to-mcore TP=2", ("--tp", "2")))  # (last: its output is mcore-to-hf's input)
+
+
+def bench_side_by_side(label: str, scale: int, work: Path, *, distinct: bool = False, shard_bytes: int = 2 * 10**9,
+                       **kw) -> dict:
+    """Every conversion of issue 11 next to `cp -r` of the same bytes, in one run, holding at most two copies of
+    the checkpoint on disk (the real-width case is 11.9 GB): cp of the HF folder; hf-to-mcore TP=4, EP=2,
+    TP=2xEP=2, torch_dist, TP=2 (each output deleted but the last); the HF folder deleted; mcore-to-hf of the
+    TP=2 output (baseline: the cp of the HF folder, the same tensor bytes); cp of the result (a second cp
+    baseline, late in the run) and `stepconv compare` of the two copies. Each run also reports its CPU time
+    (user + system of the process tree) per GB of input and the 1-minute load average when it ended."""
+    work.mkdir(parents=True, exist_ok=True)
+    src = work / f"hf-{label}"
+    facts = make_synthetic(src, scale, shard_bytes=shard_bytes, distinct=distinct, **kw)
+    name, mat = largest_materialised(src, tp=2)
+    facts.update(label=label, largest_materialised=name, largest_materialised_bytes=mat, rss_bound=2 * mat + GiB)
+    print(f"{label}: {facts['bytes'] / 1e9:.2f} GB in {facts['files']} files ({facts['tensors']} tensors), generated "
+          f"in {facts['seconds']} s", flush=True)
+    logs = work / "logs"
+    logs.mkdir(exist_ok=True)
+    runs: list[dict] = []
+
+    def run(what: str, cmd: list[str], inp: Path, out: Path, baseline: str | None) -> dict:
+        shutil.rmtree(out, ignore_errors=True)
+        r = measure(cmd, [inp], log=logs / re.sub(r"[^A-Za-z0-9=.-]+", "_", f"{label}-{what}.log"))
+        r.update(label=what, input_bytes=du(inp), output_bytes=du(out) if out.exists() else 0, baseline=baseline)
+        runs.append(r)
+        print(f"  {what:<26} {r['total_s']:7.2f} s  cpu {r['cpu_s']:6.1f} s  peak RSS {r['peak_rss'] / 2**20:6.0f} MiB"
+              f"  load {r['load']:.1f}", flush=True)
+        return r
+
+    cp_hf, m2, back, back2 = work / "cp-hf", work / "mcore", work / "hf-back", work / "hf-back2"
+    run("cp -r HF", ["cp", "-r", str(src), str(cp_hf)], src, cp_hf, None)
+    shutil.rmtree(cp_hf)
+    for what, args in IMPORT_RUNS:
+        run(what, stepconv_cmd("hf-to-mcore", "--quiet", *args, str(src), "-o", str(m2)), src, m2, "cp -r HF")
+        if what != IMPORT_RUNS[-1][0]:
+            shutil.rmtree(m2)
+    shutil.rmtree(src)
+    run("mcore-to-hf (of TP=2)", stepconv_cmd("mcore-to-hf", "--quiet", str(m2), "-o", str(back)), m2, back,
+        "cp -r HF")
+    shutil.rmtree(m2)
+    run("cp -r HF (again)", ["cp", "-r", str(back), str(back2)], back, back2, None)
+    run("compare (of the copies)", stepconv_cmd("compare", str(back), str(back2)), back, work / "none",
+        "cp -r HF (again)")
+    shutil.rmtree(back)
+    shutil.rmtree(back2)
+    cps = {r["label"]: r for r in runs if r["baseline"] is None}
+    for r in runs:
+        b = cps.get(r["baseline"])
+        r["ratio_total"] = r["total_s"] / b["total_s"] if b else None
+        r["ratio_per_byte"] = ((r["total_s"] / max(r["output_bytes"], r["input_bytes"]))
+                               / (b["total_s"] / b["output_bytes"])) if b else None
+        r["cpu_s_per_gb"] = r["cpu_s"] / (r["input_bytes"] / 1e9)
+        r["rss_vs_bound"] = r["peak_rss"] / facts["rss_bound"]
+    return {"facts": facts, "runs": runs}
+
+
+def fixed_cost(work: Path) -> dict:
+    """Start-up, plan and audit of a run, measured on a checkpoint with the real tensor count and almost no bytes
+    (scale 1/64: 804 tensors, 0.18 GB): its hf-to-mcore TP=2 wall time, less the time `cp -r` takes for its
+    bytes, bounds the fixed cost from above; also the interpreter with stepconv and torch imported."""
+    src = work / "hf-fixed"
+    make_synthetic(src, 64)
+    cp = measure(["cp", "-r", str(src), str(work / "cp-fixed")], [src])
+    shutil.rmtree(work / "cp-fixed")
+    (work / "logs").mkdir(exist_ok=True)
+    conv = measure(stepconv_cmd("hf-to-mcore", "--quiet", "--tp", "2", str(src), "-o", str(work / "m-fixed")), [src],
+                   log=work / "logs" / "fixed.log")
+    imp = measure([sys.executable, "-c", "import stepconv.convert"])
+    shutil.rmtree(work / "m-fixed")
+    shutil.rmtree(src)
+    return {"bytes": checkpoint_bytes(synth_config(64)), "convert_s": conv["wall_s"], "cp_s": cp["wall_s"],
+            "fixed_s": conv["wall_s"] - cp["wall_s"], "cpu_s": conv["cpu_s"], "import_s": imp["wall_s"],
+            "import_cpu_s": imp["cpu_s"], "load": conv["load"]}
+
+
+def side_by_side_markdown(results: list[dict], fixed: dict | None) -> str:
+    lines = []
+    if fixed:
+        lines += [f"Fixed cost: hf-to-mcore TP=2 of a {fixed['bytes'] / 1e9:.2f} GB checkpoint with the real tensor "
+                  f"count took {fixed['convert_s']:.2f} s, `cp -r` of it {fixed['cp_s']:.2f} s: fixed cost <= "
+                  f"**{fixed['fixed_s']:.2f} s** ({fixed['cpu_s']:.2f} CPU s), of which {fixed['import_s']:.2f} s "
+                  f"({fixed['import_cpu_s']:.2f} CPU s) is starting Python and importing stepconv and torch "
+                  f"(load {fixed['load']:.1f}).", ""]
+    for res in results:
+        f = res["facts"]
+        lines += [f"**{f['label']}**: hidden {f['hidden']}, {f['layers']} layers, {f['mtp']} MTP, {f['experts']} "
+                  f"experts, vocab {f['vocab']}: {f['bytes'] / 1e9:.2f} GB, {f['tensors']} tensors in {f['files']} "
+                  f"files; largest materialised {f['largest_materialised']} "
+                  f"({f['largest_materialised_bytes'] / 2**20:.0f} MiB), RSS bound {f['rss_bound'] / 2**20:.0f} MiB.",
+                  "", "| run | wall s | +sync s | total s | vs cp | vs cp per byte | CPU s | CPU s/GB | peak RSS MiB | "
+                  "RSS / bound | load (1 min) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in res["runs"]:
+            lines.append(f"| {r['label']} | {r['wall_s']:.2f} | {r['sync_s']:.2f} | {r['total_s']:.2f} | "
+                         f"{_f(r['ratio_total'])} | {_f(r['ratio_per_byte'])} | {r['cpu_s']:.1f} | "
+                         f"{r['cpu_s_per_gb']:.2f} | {r['peak_rss'] / 2**20:.0f} | {r['rss_vs_bound']:.2f} | "
+                         f"{r['load']:.1f} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def summarize_runs(rs: list[dict]) -> dict:
@@ -517,6 +694,13 @@ def summarize_profile(raw: str, possible: float | None = None, top: int = 10) ->
 
 # --- main --------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
+    global VIA_LIBRARY
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--call"]:
+        return call_library(argv[1:])
+    if "--via-library" in argv:
+        VIA_LIBRARY = True
+        argv = [x for x in argv if x != "--via-library"]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scale", type=int, action="append", help="width divisor (power of two); repeatable")
     ap.add_argument("--target-gb", type=float, action="append", help="pick the scale nearest this size; repeatable")
@@ -529,7 +713,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeat", type=int, default=3, help="rounds of every run (medians are reported)")
     ap.add_argument("--keep", action="store_true", help="keep generated data and outputs")
     ap.add_argument("--profile", action="store_true", help="also profile the largest scale with py-spy")
+    ap.add_argument("--real-width", action="store_true",
+                    help="issue 11's side-by-side runs at the real widths: hidden 4096, the real head counts, 288 "
+                         "experts and vocabulary, --rw-layers layers (--rw-dense of them dense), every weight distinct")
+    ap.add_argument("--rw-layers", type=int, default=2)
+    ap.add_argument("--via-library", action="store_true", help="run conversions through the library API, not the "
+                    "stepconv CLI (for machines without the CLI's dependencies)")
+    ap.add_argument("--rw-dense", type=int, default=1)
+    ap.add_argument("--side-by-side", type=int, action="append", default=[],
+                    help="issue 11's side-by-side runs at this scale (real layer count); repeatable")
     a = ap.parse_args(argv)
+    if a.real_width or a.side_by_side:
+        return main_side_by_side(a)
     kw = dict(layers=a.layers, mtp=a.mtp, experts=a.experts, vocab=a.vocab)
     scales = list(a.scale or []) + [scale_for(t, **kw) for t in (a.target_gb or [])]
     scales = scales or [16, 8]
@@ -555,6 +750,33 @@ def main(argv: list[str] | None = None) -> int:
     stamp = time.strftime("%Y%m%d-%H%M%S")
     (work / f"results-{stamp}.md").write_text(text)
     (work / f"results-{stamp}.json").write_text(json.dumps({"machine": mach, "results": results}, indent=2))
+    print(text)
+    return 0
+
+
+def main_side_by_side(a) -> int:
+    work = Path(a.out)
+    cases = [("real width", 1, dict(layers=a.rw_layers, mtp=0, experts=a.experts, vocab=a.vocab, dense=a.rw_dense),
+              True)] if a.real_width else []
+    cases += [(f"1/{s} scale", s, dict(layers=a.layers, mtp=a.mtp, experts=a.experts, vocab=a.vocab), False)
+              for s in a.side_by_side]
+    need = max(checkpoint_bytes(synth_config(s, **kw)) for _, s, kw, _ in cases) * 2.1
+    free = shutil.disk_usage(work.parent if not work.exists() else work).free
+    if need > free:
+        print(f"need ~{need / 1e9:.1f} GB free under {work}, have {free / 1e9:.1f} GB", file=sys.stderr)
+        return 2
+    mach = machine()
+    fixed = fixed_cost(work)
+    results = [bench_side_by_side(label, s, work, distinct=d, shard_bytes=int(a.shard_gb * 1e9), **kw)
+               for label, s, kw, d in cases]
+    text = (f"Command: `python bench/run_bench.py {' '.join(sys.argv[1:])}`\n\nMachine: {mach['nproc']} CPUs "
+            f"({mach['cpu']}), {mach['ram_gib']} GiB RAM, disk `{mach['disk']}`, torch {mach['torch']}, stepconv "
+            f"{mach['stepconv_commit'] or '?'}{' (with uncommitted changes)' if mach['stepconv_dirty'] else ''}."
+            f"\n\n" + side_by_side_markdown(results, fixed))
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (work / f"side-by-side-{stamp}.md").write_text(text)
+    (work / f"side-by-side-{stamp}.json").write_text(json.dumps({"machine": mach, "fixed": fixed,
+                                                                 "results": results}, indent=2))
     print(text)
     return 0
 

@@ -210,9 +210,9 @@ class ImportPlan:
         def entry_bytes(e: Entry) -> int:
             shape = e.rank_shape()
             if shape is None or not e.kind.megatron:
-                return reader.nbytes(e)
+                return reader.source_bytes(e)
             dt = e.kind.out_dtype([self.source_dtypes[h] for h in e.hf], self.target)
-            return max(reader.nbytes(e), e.ctx.tp_size * math.prod(shape) * dt.itemsize)
+            return max(reader.source_bytes(e), e.ctx.tp_size * math.prod(shape) * dt.itemsize)
 
         return plan_workers(units, entry_bytes, factor=3, read_ahead=True, jobs=self.options.jobs,
                             budget=self.options.max_memory)
@@ -275,7 +275,10 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         raise StepconvError(problems[0])
     out = Path(out_dir) if out_dir else ckpt.path.with_name(ckpt.path.name + "-mcore")
     _check_distinct(ckpt.path, out)
-    reader = HFReader(pl.source_dtypes, ckpt)
+    # file_rows (sources left in their files, copied into the rank files by copy_file_range) is off: with it the
+    # import's peak RSS grew with depth in tests/test_streaming.py (251 -> 341 MB from 4 to 16 layers, TP=2 x EP=2;
+    # cause not found yet), while the 16-core real-width figures in docs/BENCHMARKS.md were measured with it on
+    reader = HFReader(pl.source_dtypes, ckpt, file_rows=False)
     summary = Summary("hf-to-mcore", ckpt.path, out, pl.layout, opts.spec, opts.format)
     fingerprint = _fingerprint(ckpt, **layout_options(opts.layout), spec=opts.spec, dtype=opts.dtype,
                                window=opts.window_convention, version=__version__)
@@ -289,7 +292,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
             journal.load()
         consumed, todo = _resumed(units, journal, tmp)
         got, results = execute(todo, reader, writer, pl.step, workers=workers.workers, progress=progress,
-                               unit_done=journal.complete)
+                               largest_bytes=workers.largest_bytes, unit_done=journal.complete)
         consumed.update(got)
         audit_on_disk(tmp, journal.sizes())  # what is on disk, not what was counted
         # every element of every source tensor consumed exactly once, judged against the files, not the plan
@@ -384,7 +387,8 @@ class ExportPlan:
     def head_names(self) -> list[str]:
         return [e.hf[0] for e in self.entries if not e.kind.megatron]
 
-    def reader(self, *, meta: bool = False) -> LegacyReader | TorchDistReader:
+    def reader(self, *, meta: bool = False, file_rows: bool = False) -> LegacyReader | TorchDistReader:
+        """`file_rows`: rows that only move leave the rank files as `hf_io.FileRows` (for `HFWriter`)."""
         heads = self.source.root / SIDECAR / MTP_HEADS if self.use_sidecar else None
         if self.index is not None:
             from .torch_dist import TorchDistReader
@@ -392,7 +396,7 @@ class ExportPlan:
             return TorchDistReader(self.source.path, self.index, self.spec, self.cfg.num_experts,
                                    saved_tp=self.layout.tp_size, meta=meta, heads=heads)
         return LegacyReader(self.source.path, self.layout, rank_keys(self.entries, self.layout), self.spec,
-                            first=self.first, meta=meta, heads=heads, entries=self.entries)
+                            first=self.first, meta=meta, heads=heads, entries=self.entries, file_rows=file_rows)
 
     def step(self, entry: Entry, shards: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         """TP shards -> (HF name, tensor) pairs; output_layer also fills the MTP heads when there is no sidecar."""
@@ -553,7 +557,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     _check_distinct(root, out)
     max_bytes = parse_size(opts.max_shard_size)
     summary = Summary("mcore-to-hf", root, out, pl.layout, pl.spec, pl.format)
-    reader = pl.reader()
+    reader = pl.reader(file_rows=True)
     units = reader.units(pl.entries)
     workers = pl.workers(units, opts.jobs)
     if progress is not None and hasattr(progress, "set_total"):
@@ -561,7 +565,8 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
 
     with staging(out, opts.overwrite) as tmp:
         writer = HFWriter(tmp, pl.infos, max_bytes)
-        execute(units, reader, writer, pl.step, workers=workers.workers, progress=progress)
+        execute(units, reader, writer, pl.step, workers=workers.workers, progress=progress,
+                largest_bytes=workers.largest_bytes)
         summary.bytes_read = reader.bytes_read
         summary.notes += export_notes(pl)
         incomplete = writer.finish()
@@ -662,7 +667,8 @@ def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iterati
         writer = pl.writer(tmp)
         units = writer.units(pl.entries)
         workers = pl.workers(units, HFReader(dtypes, meta=True))
-        consumed, results = execute(units, source, writer, pl.step, workers=workers.workers, progress=progress)
+        consumed, results = execute(units, source, writer, pl.step, workers=workers.workers, progress=progress,
+                                    largest_bytes=workers.largest_bytes)
         source.finish()
         audit_on_disk(tmp, {rel: st.bytes for r in results for rel, st in r.files.items()})
         hf_files = root / SIDECAR / "hf_files"

@@ -7,6 +7,7 @@ pwrite, so a 3 GB expert stack can be written one expert at a time.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -21,6 +22,7 @@ from typing import Iterable, Sequence
 
 import torch
 
+from . import buffers
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
 from .safety import named_os_errors, parse_json, read_json, regular_file, validate_safetensors_header
 
@@ -65,7 +67,7 @@ def read_safetensors_header(path: Path) -> dict:
 
 def pread_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, what: str) -> torch.Tensor:
     """`nbytes` at `offset` into a new tensor (uninitialised buffer, filled by preadv; no zero-fill)."""
-    buf = torch.empty(nbytes, dtype=torch.uint8)
+    buf = buffers.empty((nbytes,), torch.uint8)
     view, pos = memoryview(buf.numpy()), 0
     while pos < nbytes:
         got = os.preadv(fd, [view[pos:]], offset + pos)
@@ -88,6 +90,131 @@ def read_safetensors_tensor(path: Path, name: str) -> torch.Tensor:
     return t.view(*meta["shape"])
 
 
+class FileRows:
+    """Rows of tensors still in their files: a dim-0 concatenation of byte ranges (fd, offset, nbytes) and, for
+    what no file holds (vocab padding), tensors. The hot path of hf-to-mcore: a split that only takes row ranges
+    and joins them (most kinds) yields a `FileRows`, and the rank-file writer moves its ranges with
+    `copy_file_range`, file to file inside the kernel as `cp` does, instead of reading them into memory and
+    writing them back (two copies through user space, and page faults on the buffers). Anything else (column
+    slices, dtype casts) reads the rows first (`materialise`)."""
+
+    is_meta = False
+    device = torch.device("cpu")
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, pieces: list):
+        self.shape, self.dtype, self.pieces = torch.Size(shape), dtype, pieces  # piece: (fd, offset, nbytes) | tensor
+
+    @property
+    def row_bytes(self) -> int:
+        return math.prod(self.shape[1:]) * self.dtype.itemsize
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def element_size(self) -> int:
+        return self.dtype.itemsize
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple) and len(idx) == 1:
+            idx = idx[0]
+        if not isinstance(idx, slice) or not self.shape:
+            return self.materialise()[idx]
+        lo, hi, step = idx.indices(self.shape[0])
+        if step != 1:
+            return self.materialise()[idx]
+        hi = max(hi, lo)
+        rb, start, stop = self.row_bytes, lo * self.row_bytes, hi * self.row_bytes
+        out, pos = [], 0
+        for p in self.pieces:
+            n = p[2] if isinstance(p, tuple) else p.numel() * p.element_size()
+            a, b = max(start, pos), min(stop, pos + n)
+            if a < b:
+                if isinstance(p, tuple):
+                    out.append((p[0], p[1] + a - pos, b - a))
+                else:
+                    out.append(p[(a - pos) // rb:(b - pos) // rb])
+            pos += n
+        return FileRows((hi - lo, *self.shape[1:]), self.dtype, out)
+
+    @staticmethod
+    def cat(parts: Sequence, shape: Sequence[int], dtype: torch.dtype) -> "FileRows":
+        pieces = []
+        for p in parts:
+            pieces += p.pieces if isinstance(p, FileRows) else [p.contiguous()]
+        return FileRows(tuple(shape), dtype, pieces)
+
+    def chunk(self, n: int, dim: int = 0) -> list:
+        if dim != 0 or self.shape[0] % n:
+            return list(self.materialise().chunk(n, dim))
+        step = self.shape[0] // n
+        return [self[i * step:(i + 1) * step] for i in range(n)]
+
+    def new_zeros(self, *shape) -> torch.Tensor:
+        return torch.zeros(*shape, dtype=self.dtype)
+
+    def materialise(self) -> torch.Tensor:
+        """The rows read into memory (a reused buffer)."""
+        out = buffers.empty((self.numel() * self.dtype.itemsize,), torch.uint8)
+        pos = 0
+        for p in self.pieces:
+            if isinstance(p, tuple):
+                view, done = memoryview(out[pos:pos + p[2]].numpy()), 0
+                while done < p[2]:
+                    got = os.preadv(p[0], [view[done:]], p[1] + done)
+                    if got <= 0:
+                        raise StepconvError(f"source file truncated while reading at byte {p[1] + done}")
+                    done += got
+                pos += p[2]
+            else:
+                n = p.numel() * p.element_size()
+                out[pos:pos + n] = p.reshape(-1).view(torch.uint8)
+                pos += n
+        return out.view(self.dtype).view(self.shape)
+
+    def to(self, dtype: torch.dtype) -> torch.Tensor:
+        return self.materialise().to(dtype)
+
+    def write_to(self, fd: int, offset: int) -> None:
+        """Place these bytes at `offset` of `fd`: ranges by copy_file_range (in the kernel), tensors by pwrite."""
+        for p in self.pieces:
+            if isinstance(p, tuple):
+                src, off, n = p
+                while n > 0:
+                    try:
+                        got = os.copy_file_range(src, fd, n, off, offset)
+                    except OSError as e:  # another filesystem (EXDEV) or no support: through memory instead
+                        if e.errno not in _NO_COPY_RANGE:
+                            raise
+                        offset += pwrite_all(fd, FileRows((n,), torch.uint8, [(src, off, n)]).materialise(), offset)
+                        break
+                    if got <= 0:
+                        raise StepconvError(f"source file truncated while copying at byte {off}")
+                    off, offset, n = off + got, offset + got, n - got
+            else:
+                offset += pwrite_all(fd, p, offset)
+
+
+_NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM}
+
+
+def pwrite_all(fd: int, t: torch.Tensor, offset: int) -> int:
+    """Write `t`'s bytes at `offset` (a strided `t` is copied into a reused buffer first); returns the count."""
+    n = t.numel() * t.element_size()
+    if not n:
+        return 0
+    data = memoryview(buffers.contiguous(t).reshape(-1).view(torch.uint8).numpy())
+    pos = 0
+    while pos < n:  # pwrite may write less than asked (large chunks)
+        pos += os.pwrite(fd, data[pos:], offset + pos)
+    return n
+
+
 class LazyTensor:
     """One tensor of a safetensors file; indexing reads only the dim-0 rows asked for.
 
@@ -96,9 +223,10 @@ class LazyTensor:
     grow with the checkpoint (measured: +113 MB after streaming 160 MB of experts).
     """
 
-    def __init__(self, ckpt: "HFCheckpoint", info: TensorInfo):
+    def __init__(self, ckpt: "HFCheckpoint", info: TensorInfo, rows_only: bool = False):
         self.ckpt, self.info = ckpt, info
         self.shape, self.dtype = info.shape, info.dtype
+        self.rows_only = rows_only  # indexing by rows gives `FileRows` (not read)
 
     def __getitem__(self, idx) -> torch.Tensor:
         idx = idx if isinstance(idx, tuple) else (idx,)
@@ -112,9 +240,9 @@ class LazyTensor:
         lo, hi, step = first.indices(n0)
         if step != 1:
             raise IndexError("LazyTensor supports unit-step slices only")
-        t = self.ckpt._read_rows(self.info, lo, max(hi, lo))
+        t = self.ckpt._read_rows(self.info, lo, max(hi, lo), lazy=self.rows_only and not rest)
         if squeeze:
-            t = t[0]
+            t = FileRows(t.shape[1:], t.dtype, t.pieces) if isinstance(t, FileRows) else t[0]
         if rest:
             t = t[(slice(None), *rest) if not squeeze else rest].contiguous()
         return t
@@ -173,8 +301,8 @@ class HFCheckpoint:
                 raise StepconvError(f"{self.path}: {len(absent)} tensor(s) in {INDEX_NAME} are not in their files: "
                                     f"{names_text(absent)}")
 
-    def _read_rows(self, info: TensorInfo, lo: int, hi: int) -> torch.Tensor:
-        """Rows [lo, hi) of dim 0, read with pread into a fresh buffer."""
+    def _read_rows(self, info: TensorInfo, lo: int, hi: int, lazy: bool = False) -> torch.Tensor | FileRows:
+        """Rows [lo, hi) of dim 0, read with pread into a reused buffer (`lazy`: where they are, unread)."""
         with self._lock:
             fd = self._fds.get(info.file)
             if fd is None:
@@ -183,13 +311,15 @@ class HFCheckpoint:
         row_bytes = info.nbytes // rows if rows else 0
         n = (hi - lo) * row_bytes
         start = self._data_start[info.file] + self._offsets[info.name] + lo * row_bytes
-        t = pread_tensor(fd, start, n, info.dtype, f"{self.path / info.file}: {info.name}")
         with self._lock:
             self.bytes_read += n
+        if lazy:
+            return FileRows((hi - lo, *info.shape[1:]), info.dtype, [(fd, start, n)] if n else [])
+        t = pread_tensor(fd, start, n, info.dtype, f"{self.path / info.file}: {info.name}")
         return t.view(hi - lo, *info.shape[1:]) if info.shape else t.view(())
 
-    def lazy(self, name: str) -> LazyTensor:
-        return LazyTensor(self, self.tensors[name])
+    def lazy(self, name: str, rows_only: bool = False) -> LazyTensor:
+        return LazyTensor(self, self.tensors[name], rows_only)
 
     def extra_files(self) -> list[Path]:
         """Non-weight files to carry along: only names on the allow-list (tokenizer, generation config, remote code,
@@ -241,11 +371,12 @@ class SafetensorsWriter:
         if byte_offset + n > info.nbytes:
             raise StepconvError(f"internal: chunk overflows {name} ({byte_offset}+{n} > {info.nbytes})")
         if not (self.dry or chunk.is_meta):  # a meta chunk (dry run) leaves its range a hole in the sparse file
-            data = memoryview(chunk.contiguous().view(torch.uint8).numpy()).cast("B") if n else b""
-            pos, start = 0, self.data_start + self.offsets[name] + byte_offset
+            start = self.data_start + self.offsets[name] + byte_offset
             with named_os_errors(self.path):
-                while pos < n:  # pwrite may write less than asked (large chunks)
-                    pos += os.pwrite(self.fd, data[pos:], start + pos)
+                if isinstance(chunk, FileRows):
+                    chunk.write_to(self.fd, start)
+                else:
+                    pwrite_all(self.fd, chunk, start)
         with self._lock:  # chunks of one file may come from several threads
             self.written[name] += n
             self.bytes_written += n
@@ -384,24 +515,33 @@ class HFReader:
 
     `meta=True` (or no checkpoint: a bare config) gives meta tensors of the same shapes and dtypes."""
 
-    def __init__(self, dtypes: dict[str, torch.dtype], ckpt: HFCheckpoint | None = None, *, meta: bool = False):
+    def __init__(self, dtypes: dict[str, torch.dtype], ckpt: HFCheckpoint | None = None, *, meta: bool = False,
+                 file_rows: bool = False):
         self.ckpt, self.dtypes, self.meta = ckpt, dtypes, meta or ckpt is None
         self.prefetch = not self.meta  # engine: read the next batch on a second thread
+        # `FileRows` (left in the file) for kinds whose split only takes rows, when the writer can place them
+        self.file_rows = file_rows
 
     def open(self, unit) -> None:  # (engine.Reader protocol: nothing to do per unit)
         pass
 
     close = open
 
-    def nbytes(self, entry) -> int:
-        return sum(math.prod(s) * self.dtypes[h].itemsize for h, s in zip(entry.hf, entry.source_shapes))
-
     def read(self, entry) -> list[torch.Tensor]:
         if self.meta:
             return [torch.empty(s, dtype=self.dtypes[h], device="meta") for h, s in zip(entry.hf, entry.source_shapes)]
+        rows = self.file_rows and entry.kind.row_slices
         if entry.expert is not None:
-            return [self.ckpt.lazy(h)[entry.expert] for h in entry.hf]
-        return [self.ckpt.lazy(h)[:] for h in entry.hf]
+            return [self.ckpt.lazy(h, rows)[entry.expert] for h in entry.hf]
+        return [self.ckpt.lazy(h, rows)[:] for h in entry.hf]
+
+    def nbytes(self, entry) -> int:  # bytes `read` materialises (read-ahead batches)
+        if self.file_rows and entry.kind.row_slices:
+            return 0
+        return self.source_bytes(entry)
+
+    def source_bytes(self, entry) -> int:
+        return sum(math.prod(s) * self.dtypes[h].itemsize for h, s in zip(entry.hf, entry.source_shapes))
 
 
 class HFWriter:

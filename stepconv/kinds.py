@@ -22,6 +22,7 @@ from typing import Protocol, Sequence
 
 import torch
 
+from . import buffers
 from .config import AttnShape
 
 
@@ -53,11 +54,11 @@ class Fragment:
 
 
 def _cat(parts: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """torch.cat, with meta tensors (dry runs, shape planning) joined by shape arithmetic: torch's own meta
-    kernel for cat imports torch._dynamo on first use (measured 1.6-2.9 s), which a conversion would pay just
-    to size its thread pool."""
+    """torch.cat into a reused buffer (`buffers.empty`: fresh memory costs more to fault in than the copy), with
+    meta tensors (dry runs, shape planning) joined by shape arithmetic: torch's own meta kernel for cat imports
+    torch._dynamo on first use (measured 1.6-2.9 s), which a conversion would pay just to size its thread pool."""
     parts = list(parts)
-    if not parts or not parts[0].is_meta:
+    if not parts or not all(p.device == parts[0].device for p in parts):
         return torch.cat(parts, dim=dim)
     shape = list(parts[0].shape)
     for p in parts[1:]:
@@ -68,7 +69,15 @@ def _cat(parts: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
     dtype = parts[0].dtype
     for p in parts[1:]:
         dtype = torch.promote_types(dtype, p.dtype)
-    return torch.empty(shape, dtype=dtype, device="meta")
+    if parts[0].is_meta:
+        return torch.empty(shape, dtype=dtype, device="meta")
+    rows = [p for p in parts if not isinstance(p, torch.Tensor)]  # hf_io.FileRows: rows still in their files
+    if rows and dim == 0 and all(p.dtype == dtype for p in parts):
+        return type(rows[0]).cat(parts, shape, dtype)  # stays unread: the writer copies file to file
+    parts = [p if isinstance(p, torch.Tensor) else p.materialise() for p in parts]
+    if parts[0].device.type != "cpu":
+        return torch.cat(parts, dim=dim)
+    return torch.cat(parts, dim=dim, out=buffers.empty(shape, dtype))
 
 
 def _part(n: int, tp: int, rank: int) -> slice:
@@ -86,6 +95,9 @@ class Kind:
     dtype: torch.dtype | None = None  # a dtype Megatron keeps whatever --dtype says (fp32 router expert bias)
     replicated: bool = False  # every TP rank holds the same tensor (merge checks they agree)
     megatron: bool = True  # False: kept beside the Megatron files (no Megatron slot)
+    # split and merge only take dim-0 slices (and chunks) of their inputs and join them along dim 0, so inputs
+    # may be rows still in their files (hf_io.FileRows), moved file to file by the writers
+    row_slices: bool = False
     how: str = ""  # for `inspect`'s mapping table
 
     def split(self, srcs: Sequence[Sliceable], ctx: SplitContext, tp_rank: int) -> torch.Tensor | None:
@@ -149,6 +161,7 @@ class Column(Kind):
     """Column-parallel linear (MTP eh_proj): rows split over TP."""
 
     name, how = "column", "TP-split rows"
+    row_slices = True
 
     def split(self, srcs, ctx, tp_rank):
         return srcs[0][_part(srcs[0].shape[0], ctx.tp_size, tp_rank)]
@@ -184,6 +197,7 @@ class Vocab(Kind):
     belong to no fragment."""
 
     name, how = "vocab", "vocab-padded, TP-split rows"
+    row_slices = True
 
     def split(self, srcs, ctx, tp_rank):
         t = srcs[0]
@@ -214,6 +228,7 @@ class SwiGLU(Kind):
     Global (torch_dist): one tensor [gate; up]; rank r's halves sit at fragments r and tp + r of 2·tp."""
 
     name, sources, how = "swiglu", 2, "TP-split rows as [gate_r; up_r]"
+    row_slices = True
 
     def split(self, srcs, ctx, tp_rank):
         gate, up = srcs
@@ -299,6 +314,7 @@ class Sidecar(Kind):
     Megatron files and restored from there."""
 
     name, megatron = "sidecar", False
+    row_slices = True
     how = "no Megatron slot: kept beside the rank files"
 
     def out_dtype(self, src_dtypes, target):

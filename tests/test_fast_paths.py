@@ -1,0 +1,125 @@
+"""The conversion hot paths of issue 11: reused buffers, rows moved file to file (`FileRows`), rank files without
+CRC32, the parallel `compare`. Each is checked against the plain path it replaces."""
+
+import os
+
+import pytest
+import torch
+
+from stepconv import buffers, compare
+from stepconv.convert import hf_to_mcore, mcore_to_hf
+from stepconv.hf_io import FileRows, HFCheckpoint
+from stepconv.kinds import SWIGLU, VOCAB, SplitContext
+from stepconv.megatron_io import RankFileWriter, load_rank_file
+
+
+def test_pool_reuses_a_buffer_only_when_nothing_refers_to_it():
+    with buffers.pooled(64 << 20) as pool:
+        a = buffers.empty((1 << 20,), torch.uint8)
+        view = a[10:20].view(torch.int16)
+        ptr = a.data_ptr()
+        del a
+        b = buffers.empty((1 << 20,), torch.uint8)  # a view of the first is alive: a new buffer
+        assert b.data_ptr() != ptr
+        del view
+        c = buffers.empty((512, 1024), torch.bfloat16)  # same byte count, nothing refers to the first: reused
+        assert c.data_ptr() == ptr and c.shape == (512, 1024) and c.dtype == torch.bfloat16
+        assert pool.hits == 1 and pool.misses == 2
+        big = buffers.empty((40 << 20,), torch.uint8)  # over half the limit: not pooled
+        assert pool.held == 2 << 20 and big.numel() == 40 << 20
+    assert buffers.empty((1 << 20,), torch.uint8).data_ptr() not in (ptr, b.data_ptr())  # no pool outside
+
+
+def _file_rows(path, t: torch.Tensor) -> FileRows:
+    path.write_bytes(b"xyz" + t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    return FileRows(t.shape, t.dtype, [(fd, 3, t.numel() * t.element_size())])
+
+
+def test_file_rows_split_and_merge_like_tensors(tmp_path):
+    gate, up = torch.randn(8, 6).bfloat16(), torch.randn(8, 6).bfloat16()
+    fg, fu = _file_rows(tmp_path / "g", gate), _file_rows(tmp_path / "u", up)
+    ctx = SplitContext(2)
+    for r in range(2):
+        lazy = SWIGLU.split([fg, fu], ctx, r)
+        assert isinstance(lazy, FileRows) and torch.equal(lazy.materialise(), SWIGLU.split([gate, up], ctx, r))
+    shards = [SWIGLU.split([gate, up], ctx, r) for r in range(2)]
+    lazy_shards = [_file_rows(tmp_path / f"s{r}", s) for r, s in enumerate(shards)]
+    for got, want in zip(SWIGLU.merge(lazy_shards, ctx), (gate, up)):
+        assert isinstance(got, FileRows) and torch.equal(got.materialise(), want)
+    emb = torch.randn(10, 4).bfloat16()  # vocab 10 padded to 12: the last rank's pad rows are a tensor piece
+    vctx = SplitContext(2, vocab=10, padded_vocab=12)
+    last = VOCAB.split([_file_rows(tmp_path / "e", emb)], vctx, 1)
+    assert isinstance(last, FileRows) and torch.equal(last.materialise(), VOCAB.split([emb], vctx, 1))
+    assert torch.equal(last[:, 1:3], VOCAB.split([emb], vctx, 1)[:, 1:3])  # a column slice reads the rows
+    want = VOCAB.split([emb], vctx, 1).reshape(-1).view(torch.uint8).numpy().tobytes()
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT)
+    last.write_to(out, 5)
+    assert (tmp_path / "out").read_bytes()[5:] == want
+
+
+def test_file_rows_across_filesystems_go_through_memory(tmp_path, monkeypatch):
+    import errno
+
+    def exdev(*a):
+        raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+    monkeypatch.setattr(os, "copy_file_range", exdev)
+    t = torch.randn(6, 4).bfloat16()
+    rows = _file_rows(tmp_path / "t", t)[1:5]
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT)
+    rows.write_to(out, 3)
+    assert (tmp_path / "out").read_bytes()[3:] == t[1:5].reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def test_rank_file_from_file_rows_is_the_tensor_path_byte_for_byte(tmp_path):
+    ts = {"a": torch.randn(64, 32).bfloat16(), "b": torch.randn(3, 5), "c": torch.randn(7).bfloat16()}
+    files = {}
+    for mode in ("tensor", "rows"):
+        w = RankFileWriter(tmp_path / mode / "model_optim_rng.pt")
+        for k, t in ts.items():
+            w.add(k, _file_rows(tmp_path / f"{mode}-{k}", t) if mode == "rows" and k != "b" else t)
+        w.add("x._extra_state", None)
+        w.finish(__import__("argparse").Namespace(tensor_model_parallel_size=1))
+        files[mode] = w.path.read_bytes()
+    assert files["rows"] == files["tensor"]
+    m = load_rank_file(tmp_path / "rows" / "model_optim_rng.pt")["model"]
+    assert all(torch.equal(m[k], t) for k, t in ts.items()) and m["x._extra_state"] is None
+    with torch.serialization.safe_globals([__import__("argparse").Namespace]):  # plain torch.load, no mmap
+        assert torch.load(tmp_path / "rows" / "model_optim_rng.pt", weights_only=True)["model"].keys() == m.keys()
+
+
+def test_round_trip_through_the_fast_paths_is_bit_exact(fixture_dir, tmp_path):
+    """hf-to-mcore TP=2 (FileRows into rank files) and back (FileRows out of mapped rank files): the HF files are
+    the ones the plain path writes (file_rows off), byte for byte."""
+    hf_to_mcore(fixture_dir, tmp_path / "m", tp=2)
+    mcore_to_hf(tmp_path / "m", tmp_path / "back")
+    assert compare.compare_hf(fixture_dir, tmp_path / "back").identical
+    from stepconv import convert
+
+    plain = convert.ExportPlan.reader
+    try:
+        convert.ExportPlan.reader = lambda self, meta=False, file_rows=False: plain(self, meta=meta, file_rows=False)
+        mcore_to_hf(tmp_path / "m", tmp_path / "plain")
+    finally:
+        convert.ExportPlan.reader = plain
+    for f in sorted(p.name for p in (tmp_path / "plain").iterdir()):
+        assert (tmp_path / "back" / f).read_bytes() == (tmp_path / "plain" / f).read_bytes(), f
+
+
+@pytest.mark.parametrize("where", ["first", "middle", "last"])
+def test_compare_finds_one_byte_in_any_piece(fixture_dir, tmp_path, monkeypatch, where):
+    import shutil
+
+    monkeypatch.setattr(compare, "CHUNK_BYTES", 4096)  # many pieces per tensor
+    shutil.copytree(fixture_dir, tmp_path / "b")
+    ck = HFCheckpoint(tmp_path / "b")
+    name = max(ck.tensors, key=lambda n: ck.tensors[n].nbytes)
+    (fd, off, n), = ck.lazy(name, rows_only=True)[:].pieces
+    pos = off + {"first": 0, "middle": n // 2 + 1, "last": n - 1}[where]
+    path = tmp_path / "b" / ck.tensors[name].file
+    data = bytearray(path.read_bytes())
+    data[pos] ^= 1
+    path.write_bytes(bytes(data))
+    c = compare.compare_hf(fixture_dir, tmp_path / "b", jobs=3)
+    assert c.differ == [f"{name} (bytes differ)"] and not c.identical
