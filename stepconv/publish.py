@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import EnvironmentFailure, StepconvError
-from .safety import file_digest, fsync_dir, fsync_tree, zip_crcs_ok
+from .safety import file_digest, fsync_dir, fsync_tree
 
 MARKER = ".stepconv-partial"  # in every <OUT>.partial stepconv creates
 
@@ -185,8 +185,8 @@ class Journal:
             os.replace(tmp, self.path)
 
     def reusable(self, unit) -> dict | None:
-        """The unit's record when every output is still exactly what was written (size, digest, and a rank file's
-        CRCs); None when it must be redone."""
+        """The unit's record when every output is still exactly what was written (size and digest: a rank file's
+        CRC-32 over all its bytes); None when it must be redone."""
         done = self.done.get(unit.name)
         if not isinstance(done, dict) or not isinstance(done.get("files"), dict):
             return None
@@ -198,8 +198,6 @@ class Journal:
                 if not rec or os.stat(p).st_size != rec["bytes"] or file_digest(p) != rec["digest"]:
                     return None
             except (OSError, KeyError, TypeError):
-                return None
-            if p.suffix == ".pt" and not zip_crcs_ok(p):
                 return None
         return done
 
