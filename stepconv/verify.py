@@ -30,6 +30,7 @@ import torch
 
 from .config import StepconvError
 from .mapping import Layout, detect_mtp_block
+from .safety import bounded_text
 
 # Gates. Per layer (teacher-forced, relative to the sublayer's update): max_rel = max|d| / max|update|,
 # cosine of the updates; experts: sqrt(sum |d|^2 / sum |out|^2) over one expert's selections, the worst expert.
@@ -202,9 +203,17 @@ def make_input_ids(vocab: int, batch: int, seq_len: int, seed: int) -> torch.Ten
     return torch.randint(0, vocab, (batch, seq_len), generator=g)
 
 
+PROMPT_LIMIT = 64 << 20  # 64 MiB: ~8M token ids as text, far beyond any verify batch
+
+
 def read_prompt_file(path: str | os.PathLike) -> torch.Tensor:
-    """Token ids, whitespace separated; one line per batch row (rows of equal length)."""
-    rows = [[int(x) for x in line.split()] for line in Path(path).read_text().splitlines() if line.strip()]
+    """Token ids, whitespace separated; one line per batch row (rows of equal length). Read like every other input:
+    a regular file, at most PROMPT_LIMIT bytes (a FIFO or /dev/zero would otherwise hang or fill memory)."""
+    text = bounded_text(Path(path), "prompt file of token ids", PROMPT_LIMIT)
+    try:
+        rows = [[int(x) for x in line.split()] for line in text.splitlines() if line.strip()]
+    except ValueError:
+        raise StepconvError(f"{path}: expected integer token ids separated by spaces, one row per line") from None
     if not rows or len({len(r) for r in rows}) != 1:
         raise StepconvError(f"{path}: expected one or more lines of the same number of integer token ids")
     return torch.tensor(rows, dtype=torch.long)

@@ -386,3 +386,22 @@ def test_verify_validates_like_the_conversions(hf, mcore, tmp_path, capsys):
     assert_one_line(*cli(capsys, "verify", hf, m)[::2], 2, FC2, "this rank's shard")
     _rewrite_header(hf / SHARD, HEADER_FAULTS["overlap"])
     assert_one_line(*cli(capsys, "verify", hf, mcore)[::2], 2, SHARD, "contiguous")
+
+
+@pytest.mark.parametrize("make, needle", [
+    (lambda p: os.mkfifo(p), "FIFO"),                                  # would block verify forever
+    (lambda p: p.write_text("1 2 x\n"), "integer token ids"),          # not token ids
+    (lambda p: p.write_bytes(b"\xff\xfe1 2\n"), "not UTF-8"),
+    (lambda p: p.write_text("1 2 3\n4 5\n"), "same number"),           # ragged rows
+])
+def test_prompt_file_is_validated_like_every_input(tmp_path, make, needle):
+    from stepconv.verify import read_prompt_file
+
+    p = tmp_path / "prompt.txt"
+    make(p)
+    with pytest.raises(StepconvError, match=needle):
+        read_prompt_file(p)
+    if needle == "FIFO":  # and a good file still reads
+        p.unlink()
+        p.write_text("1 2 3\n4 5 6\n")
+        assert read_prompt_file(p).tolist() == [[1, 2, 3], [4, 5, 6]]
