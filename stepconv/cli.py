@@ -103,6 +103,10 @@ def mcore_to_hf_cmd(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Tensors merged and written at once, each on its own "
                                                                   "thread [default: CPU count]."),
+    dtype: str = typer.Option("source", "--dtype", help="HF dtype of the output: source (each tensor's original dtype as "
+                                                         "hf-to-mcore recorded it, else config.json's torch_dtype), "
+                                                         "bf16, fp16 or fp32 (e.g. fp32 after training in fp32; the "
+                                                         "router bias stays fp32)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Convert Megatron legacy per-rank files back to a HF folder; the layout (TP, PP, EP, ETP, stages, VPP) comes
@@ -116,7 +120,7 @@ def mcore_to_hf_cmd(
     try:
         with progress(0, "mcore-to-hf", quiet=quiet) as report:
             s = mcore_to_hf(mcore_dir, out, iteration=iteration, hf_config=hf_config, max_shard_size=max_shard_size,
-                            overwrite=overwrite, jobs=jobs, progress=report)
+                            overwrite=overwrite, jobs=jobs, dtype=dtype, progress=report)
     except StepconvError as e:
         _fail(e)
     typer.echo("\n".join(s.lines()))

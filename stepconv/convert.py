@@ -13,7 +13,7 @@ import os
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -533,23 +533,57 @@ class ExportOptions:
     max_shard_size: str = "5GB"
     overwrite: bool = False
     jobs: int | None = None
+    dtype: str = "source"
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "ExportOptions":
-        return _options(cls, options)
+        opts = _options(cls, options)
+        if opts.dtype not in EXPORT_DTYPES:
+            raise StepconvError(f"--dtype must be {', '.join(EXPORT_DTYPES)}; got {opts.dtype!r}")
+        return opts
+
+
+# `source`: each HF tensor's own dtype as hf-to-mcore recorded it, else config.json's torch_dtype (a Megatron
+# training run records none). After training in fp32 that rounds the trained weights to bf16 (seen on 2 x H100:
+# verify then failed its fp32 gate, max|d| 2.1), so an export can ask for one dtype for every tensor instead.
+EXPORT_DTYPES = ("source", *DTYPES)
+
+
+def retyped(pl: "ExportPlan", dtype: str) -> "ExportPlan":
+    """`pl` writing every HF tensor as `dtype` (a kind with a dtype of its own, the fp32 router bias, keeps it) and
+    config.json saying so; `source` leaves `pl` as it is."""
+    if dtype == "source":
+        return pl
+    target, kinds = DTYPES[dtype], {h: e.kind for e in pl.entries for h in e.hf}
+    raw = dict(pl.cfg.raw, torch_dtype={"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}[dtype])
+    return replace(pl, cfg=Step35Config.of(raw),
+                   infos=[replace(i, dtype=kinds[i.name].dtype or target) for i in pl.infos])
+
+
+def narrowing_note(pl: "ExportPlan") -> list[str]:
+    """A note when the checkpoint stores wider floats than the export writes (fp32 training exported as bf16)."""
+    stored = getattr(pl.args, "params_dtype", None)
+    if not isinstance(stored, torch.dtype) or not stored.is_floating_point:
+        return []
+    narrower = sorted({DTYPE_NAMES[i.dtype] for i in pl.infos if i.dtype.itemsize < stored.itemsize})
+    if not narrower:
+        return []
+    return [f"the checkpoint's weights are {DTYPE_NAMES[stored]} (args.params_dtype); written as "
+            f"{'/'.join(narrower)} as the source recorded or config.json says, which rounds them unless they were "
+            f"{'/'.join(narrower)} values; --dtype fp32 keeps them exact"]
 
 
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 progress: Progress | None = None, **options: Any) -> Summary:
     """Convert a Megatron legacy checkpoint back to a HF folder; TP/PP/EP and spec come from the checkpoint.
 
-    `options` are `ExportOptions` fields (iteration, hf_config, max_shard_size, overwrite, jobs). Example:
+    `options` are `ExportOptions` fields (iteration, hf_config, max_shard_size, overwrite, jobs, dtype). Example:
     `mcore_to_hf("step35-tp4", "step35-hf", iteration=2000, hf_config="Step-3.5-Flash/config.json")`.
     """
     t0 = time.time()
     fixed_mmap_threshold()
     opts = ExportOptions.of(options)
-    pl = plan_export(mcore_dir, iteration=opts.iteration, hf_config=opts.hf_config)
+    pl = retyped(plan_export(mcore_dir, iteration=opts.iteration, hf_config=opts.hf_config), opts.dtype)
     if pl.problems:
         raise StepconvError(pl.problems[0])
     root = pl.source.root
@@ -568,7 +602,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         execute(units, reader, writer, pl.step, workers=workers.workers, progress=progress,
                 largest_bytes=workers.largest_bytes)
         summary.bytes_read = reader.bytes_read
-        summary.notes += export_notes(pl)
+        summary.notes += export_notes(pl) + narrowing_note(pl)
         incomplete = writer.finish()
         if incomplete:
             raise StepconvError(f"audit failed, not publishing: HF tensor(s) not fully written: "

@@ -251,3 +251,31 @@ def test_export_refuses_a_missing_weight(tmp_path, fixture_dir):
     with pytest.raises(StepconvError, match="missing decoder.layers.3.mlp.experts.local_experts.7.linear_fc2.weight"):
         mcore_to_hf(m, tmp_path / "h")
     assert not (tmp_path / "h").exists()
+
+
+def test_export_dtype_keeps_fp32_trained_weights_exact(tmp_path, fixture_dir, fixture_tensors):
+    """A run that trained in fp32 saves fp32 weights that bf16 cannot hold; `--dtype source` (the default) writes the
+    recorded bf16 and says so, `--dtype fp32` writes them exactly (the router bias is fp32 either way)."""
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=1, dtype="fp32")
+    f = m / "release" / rank_dir_name(0, 0, 0, 1, 1) / "model_optim_rng.pt"
+    sd = torch.load(f, weights_only=False)
+    key = "decoder.layers.0.self_attention.linear_proj.weight"
+    trained = sd["model"][key] + 1e-3 * torch.randn(sd["model"][key].shape, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(trained.bfloat16().float(), trained)  # "training" left values bf16 cannot hold
+    sd["model"][key] = trained
+    torch.save(sd, f)
+
+    s = mcore_to_hf(m, tmp_path / "h16")
+    assert any("params_dtype" in n and "--dtype fp32" in n for n in s.notes), s.notes
+    assert load_hf(tmp_path / "h16")["model.layers.0.self_attn.o_proj.weight"].dtype == torch.bfloat16
+
+    mcore_to_hf(m, tmp_path / "h32", dtype="fp32")
+    out = load_hf(tmp_path / "h32")
+    assert torch.equal(out["model.layers.0.self_attn.o_proj.weight"], trained)
+    for name, t in fixture_tensors.items():
+        if name != "model.layers.0.self_attn.o_proj.weight":
+            assert out[name].dtype == torch.float32 and torch.equal(out[name], t.float()), name
+    assert json.loads((tmp_path / "h32" / "config.json").read_text())["torch_dtype"] == "float32"
+    with pytest.raises(StepconvError, match="--dtype must be"):
+        mcore_to_hf(m, tmp_path / "bad", dtype="int8")

@@ -43,5 +43,6 @@ $PY -m torch.distributed.run --nproc-per-node "$NPROC" "$HERE/pretrain_step35.py
     --mtp-loss-scaling-factor 0.1 ${EXTRA:-} 2>&1 | tee "$WORK/train.log"
 cd - >/dev/null
 
-$PY -m stepconv.cli mcore-to-hf "$WORK/trained" -o "$WORK/hf-trained" --overwrite
+# the trained weights in the dtype they were trained in (fp32 rounded to the config's bf16 fails verify's fp32 gate)
+$PY -m stepconv.cli mcore-to-hf "$WORK/trained" -o "$WORK/hf-trained" --dtype "$DTYPE" --overwrite
 $PY -m stepconv.cli verify "$WORK/hf-trained" "$WORK/trained" --dtype fp32
