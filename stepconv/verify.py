@@ -290,8 +290,17 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
     if dtype not in GATES:
         raise StepconvError(f"--dtype must be fp32 or bf16; got {dtype!r}")
     if trust_remote_code:
-        raise StepconvError("--trust-remote-code is not supported by the streamed verify: StepFun's "
-                            "modeling_step3p5.py does not load on transformers 5.x (see docs/VERIFY.md)")
+        # Measured (docs/VERIFY.md): StepFun's modeling_step3p5.py builds its decoder layers on transformers 4.57.1,
+        # which has no transformers.models.step3p7 (our reference); on 5.24.0 it cannot build one.
+        import transformers
+
+        raise StepconvError(
+            f"--trust-remote-code is not supported: StepFun's modeling_step3p5.py cannot build a decoder layer on "
+            f"transformers {transformers.__version__} (measured on 5.24.0: its Step3p5Config rejects 48 layer_types "
+            f"for 45 layers; with those cut to 45, a full-attention layer fails in the llama3 RoPE init on the "
+            f"per-layer list rope_theta (TypeError) and a sliding layer on ROPE_INIT_FUNCTIONS['default'] "
+            f"(KeyError)); it builds on 4.57.1, which lacks the in-tree reference transformers.models.step3p7 "
+            f"(see docs/VERIFY.md)")
     hf_dir = Path(hf_dir)
     cfg = check_hf(hf_dir).config  # the conversions' own validation of the reference folder
     srcs = []
