@@ -290,12 +290,14 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
     if dtype not in GATES:
         raise StepconvError(f"--dtype must be fp32 or bf16; got {dtype!r}")
     if trust_remote_code:
-        # Measured (docs/VERIFY.md): StepFun's modeling_step3p5.py builds its decoder layers on transformers 4.57.1,
-        # which has no transformers.models.step3p7 (our reference); on 5.24.0 it cannot build one.
+        # Measured on the only copy of modeling_step3p5.py we could reach offline (MindSpeed-LLM's, Apache-2.0;
+        # docs/VERIFY.md): its decoder layers build on transformers 4.57.1, which has no transformers.models.step3p7
+        # (our reference); on 5.24.0 none builds.
         import transformers
 
         raise StepconvError(
-            f"--trust-remote-code is not supported: StepFun's modeling_step3p5.py cannot build a decoder layer on "
+            f"--trust-remote-code is not supported: modeling_step3p5.py (as measured on MindSpeed-LLM's copy) cannot "
+            f"build a decoder layer on "
             f"transformers {transformers.__version__} (measured on 5.24.0: its Step3p5Config rejects 48 layer_types "
             f"for 45 layers; with those cut to 45, a full-attention layer fails in the llama3 RoPE init on the "
             f"per-layer list rope_theta (TypeError) and a sliding layer on ROPE_INIT_FUNCTIONS['default'] "
