@@ -10,6 +10,7 @@ the kernel after each tensor is consumed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -210,11 +211,15 @@ def _megatron_safe_globals() -> list:
 
 
 def _allowed(extra: list):
-    """torch's `safe_globals` for what is not allowed already: on exit torch removes every global the context
-    named, so naming one that megatron-core registered at import (Namespace, ...) would unregister it for the
-    whole process, and Megatron's own loads of common.pt would then fail (seen in the test suite)."""
-    have = set(map(id, torch.serialization.get_safe_globals()))
-    return torch.serialization.safe_globals([g for g in extra if id(g) not in have])
+    """Register `extra` for weights_only loads, for the rest of the process (idempotent), never through torch's
+    `safe_globals` context: on exit that context removes every global it named, process-wide. Loads run on several
+    threads and megatron-core may be imported (registering Namespace & co. itself) while one is in flight, so a
+    context exiting in one thread unregistered what megatron-core registered, and Megatron's own
+    `load_common_state_dict` failed later in the same process (seen in the suite once readers ran concurrently).
+    What is registered is benign: Namespace, SimpleNamespace, PosixPath, and megatron-core's own list, which its
+    import registers anyway."""
+    torch.serialization.add_safe_globals(list(extra))
+    return contextlib.nullcontext()
 
 
 def load_rank_file(path: Path, need_model: bool = True) -> dict:

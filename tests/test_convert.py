@@ -86,6 +86,36 @@ def test_rank_files_load_under_megatron_safe_globals_only(tmp_path, fixture_dir)
         assert set(obj) == {"model", "args", "checkpoint_version", "iteration"}
 
 
+SAFE_GLOBALS_SCRIPT = r"""
+import argparse, sys
+from pathlib import Path
+import torch
+assert "megatron.core" not in sys.modules
+from stepconv import megatron_io
+real = torch.load
+def load_while_megatron_core_is_imported(*a, **k):  # another thread importing megatron-core mid-load
+    import megatron.core  # noqa: F401  (registers Namespace & co. for the process)
+    return real(*a, **k)
+torch.load = load_while_megatron_core_is_imported
+megatron_io.load_rank_file(Path(sys.argv[1]))
+torch.load = real
+assert argparse.Namespace in torch.serialization.get_safe_globals(), "a load unregistered megatron-core's globals"
+"""
+
+
+def test_a_load_never_unregisters_megatron_cores_safe_globals(tmp_path, fixture_dir):
+    """torch's safe_globals context removes, on exit, every global it named, for the whole process; a load that
+    overlapped megatron-core's import used to leave Megatron's own load_common_state_dict failing afterwards."""
+    import subprocess
+    import sys
+
+    m = tmp_path / "m"
+    hf_to_mcore(fixture_dir, m, tp=1)
+    f = next((m / "release").glob("mp_rank_*/model_optim_rng.pt"))
+    r = subprocess.run([sys.executable, "-c", SAFE_GLOBALS_SCRIPT, str(f)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-1500:]
+
+
 def test_layout_files_and_args(tmp_path, fixture_dir):
     m = tmp_path / "m"
     hf_to_mcore(fixture_dir, m, tp=2, pp=2, ep=2, spec="local")
