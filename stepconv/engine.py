@@ -128,13 +128,13 @@ class Writer(Protocol):
 
 def _read_ahead(reader: Reader, entries: Sequence[Entry]) -> Iterator[tuple[Entry, list[torch.Tensor]]]:
     """Yield (entry, its sources) while a second thread reads the next batch, so disk reads overlap the
-    splitting and writing. Batches (up to READ_AHEAD_BYTES, or one larger entry) keep the thread hand-off off
+    splitting and writing. Batches (up to the reader's `read_ahead_bytes`, default READ_AHEAD_BYTES, or one larger entry) keep the thread hand-off off
     the per-expert hot path; two batches are in memory at most."""
     batches: list[list[Entry]] = [[]]
-    size = 0
+    size, limit = 0, getattr(reader, "read_ahead_bytes", READ_AHEAD_BYTES)
     for e in entries:
         n = reader.nbytes(e)
-        if batches[-1] and size + n > READ_AHEAD_BYTES:
+        if batches[-1] and size + n > limit:
             batches.append([])
             size = 0
         batches[-1].append(e)

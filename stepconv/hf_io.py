@@ -24,6 +24,7 @@ import torch
 
 from . import buffers
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
+from .engine import READ_AHEAD_BYTES
 from .safety import named_os_errors, parse_json, read_json, regular_file, validate_safetensors_header
 
 DTYPE_SIZES = {name: dt.itemsize for name, dt in SAFETENSORS_DTYPES.items()}
@@ -521,6 +522,12 @@ class HFReader:
         self.prefetch = not self.meta  # engine: read the next batch on a second thread
         # `FileRows` (left in the file) for kinds whose split only takes rows, when the writer can place them
         self.file_rows = file_rows
+        # engine._read_ahead's batch size. With file_rows the read-ahead carries only what is split otherwise (a
+        # routed expert's column-split fc2, attention), a third of the bytes, and each worker's window (two
+        # batches) filled only once a unit held more than one batch of those: 4 -> 16 layers (TP=2 x EP=2, 2
+        # workers) raised peak RSS 303 -> 337 MB with 32 MiB batches, 300 -> 319 MB with 16 MiB, the pool's
+        # busy buffers at the peak being read-ahead expert reads (85 x 1 MiB), not per-record state
+        self.read_ahead_bytes = READ_AHEAD_BYTES // 2 if file_rows else READ_AHEAD_BYTES
 
     def open(self, unit) -> None:  # (engine.Reader protocol: nothing to do per unit)
         pass
