@@ -8,7 +8,6 @@ from typing import Optional
 
 import typer
 
-from .config import StepconvError
 from .errors import report
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -24,10 +23,6 @@ PP_FIRST_HELP = ("Layers on the first pipeline stage (Megatron's decoder_first_p
 PP_LAST_HELP = "Layers on the last pipeline stage (Megatron's decoder_last_pipeline_num_layers)."
 VPP_HELP = ("Virtual pipeline stages per PP rank (Megatron's num_virtual_stages_per_pipeline_rank): rank files hold "
             "model0..model{V-1}, the interleaved schedule's layers.")
-
-
-def _fail(e: BaseException) -> None:
-    raise typer.Exit(report(e))
 
 
 @app.callback()
@@ -79,15 +74,12 @@ def hf_to_mcore_cmd(
     from .hf_io import HFCheckpoint, parse_size
     from .progress import progress
 
-    try:
-        budget = parse_size(max_memory, "--max-memory") if max_memory else None
-        total = sum(t.nbytes for t in HFCheckpoint(hf_dir).tensors.values())
-        with progress(total, "hf-to-mcore", quiet=quiet) as report:
-            s = hf_to_mcore(hf_dir, out, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, overwrite=overwrite,
-                            window_convention=window, resume=resume, max_memory=budget, jobs=jobs, progress=report,
-                            format=fmt, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp)
-    except StepconvError as e:
-        _fail(e)
+    budget = parse_size(max_memory, "--max-memory") if max_memory else None
+    total = sum(t.nbytes for t in HFCheckpoint(hf_dir).tensors.values())
+    with progress(total, "hf-to-mcore", quiet=quiet) as report:
+        s = hf_to_mcore(hf_dir, out, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, overwrite=overwrite,
+                        window_convention=window, resume=resume, max_memory=budget, jobs=jobs, progress=report,
+                        format=fmt, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp)
     typer.echo("\n".join(s.lines()))
 
 
@@ -117,12 +109,9 @@ def mcore_to_hf_cmd(
     from .convert import mcore_to_hf
     from .progress import progress
 
-    try:
-        with progress(0, "mcore-to-hf", quiet=quiet) as report:
-            s = mcore_to_hf(mcore_dir, out, iteration=iteration, hf_config=hf_config, max_shard_size=max_shard_size,
-                            overwrite=overwrite, jobs=jobs, dtype=dtype, progress=report)
-    except StepconvError as e:
-        _fail(e)
+    with progress(0, "mcore-to-hf", quiet=quiet) as report:
+        s = mcore_to_hf(mcore_dir, out, iteration=iteration, hf_config=hf_config, max_shard_size=max_shard_size,
+                        overwrite=overwrite, jobs=jobs, dtype=dtype, progress=report)
     typer.echo("\n".join(s.lines()))
 
 
@@ -156,11 +145,8 @@ def reshard_cmd(
 
     opts = {k: v for k, v in dict(format=fmt, tp=tp, pp=pp, ep=ep, spec=spec, etp=etp, pp_first=pp_first,
                                   pp_last=pp_last, vpp=vpp).items() if v is not None}
-    try:
-        with progress(0, "reshard", quiet=quiet) as report:
-            s = reshard(src, out, iteration=iteration, hf_config=hf_config, overwrite=overwrite, progress=report, **opts)
-    except StepconvError as e:
-        _fail(e)
+    with progress(0, "reshard", quiet=quiet) as report:
+        s = reshard(src, out, iteration=iteration, hf_config=hf_config, overwrite=overwrite, progress=report, **opts)
     typer.echo("\n".join(s.lines()))
 
 
@@ -210,19 +196,16 @@ def verify_cmd(
     warnings.simplefilter("ignore")
     from .verify import verify, write_json
 
-    try:
-        layout = None
-        if (tp, ep) != (None, None):
-            from .convert import plan_export
-            from .mapping import Layout
+    layout = None
+    if (tp, ep) != (None, None):
+        from .convert import plan_export
+        from .mapping import Layout
 
-            rec = plan_export(mcore_dir, iteration=iteration, hf_config=hf_dir / "config.json").layout
-            layout = Layout(tp or rec.tp_size, 1, ep or rec.ep_size)
-        r = verify(hf_dir, mcore_dir, dtype=dtype, batch=batch, seq_len=seq_len, prompt_file=prompt_file, seed=seed,
-                   iteration=iteration, trust_remote_code=trust_remote_code, window_convention=window, layout=layout,
-                   device=device, layers=layers, quiet=quiet)
-    except StepconvError as e:
-        _fail(e)
+        rec = plan_export(mcore_dir, iteration=iteration, hf_config=hf_dir / "config.json").layout
+        layout = Layout(tp or rec.tp_size, 1, ep or rec.ep_size)
+    r = verify(hf_dir, mcore_dir, dtype=dtype, batch=batch, seq_len=seq_len, prompt_file=prompt_file, seed=seed,
+               iteration=iteration, trust_remote_code=trust_remote_code, window_convention=window, layout=layout,
+               device=device, layers=layers, quiet=quiet)
     typer.echo(r.table())
     if json_path:
         write_json(r, json_path)
@@ -258,11 +241,8 @@ def inspect_cmd(
 
     from .inspect import inspect_path, render
 
-    try:
-        r = inspect_path(path, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, full=full, iteration=iteration,
-                         hf_config=hf_config, format=fmt, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp)
-    except StepconvError as e:
-        _fail(e)
+    r = inspect_path(path, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, full=full, iteration=iteration,
+                     hf_config=hf_config, format=fmt, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp)
     typer.echo(render(r))
     if json_path:
         json_path.write_text(json.dumps(r.to_dict(), indent=2, default=str) + "\n")
@@ -283,10 +263,7 @@ def compare_cmd(
     """
     from .compare import compare_hf
 
-    try:
-        c = compare_hf(a, b)
-    except StepconvError as e:
-        _fail(e)
+    c = compare_hf(a, b)
     if c.identical:
         typer.echo(f"identical: {c.tensors} tensors, {c.bytes / 1e6:.2f} MB bit-exact, config.json equal")
         return

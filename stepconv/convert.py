@@ -168,11 +168,6 @@ class ImportPlan:
         return self.options.layout
 
     @property
-    def write_layout(self) -> Layout:
-        """The layout tensors are written in: the legacy format's ranks, or TP=1 global tensors for torch_dist."""
-        return self.options.layout if self.options.format == "torch" else Layout()
-
-    @property
     def target(self) -> torch.dtype | None:
         return DTYPES.get(self.options.dtype)
 
@@ -712,21 +707,3 @@ def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iterati
     summary.bytes_read = getattr(source.reader, "bytes_read", 0)
     summary.seconds = time.time() - t0
     return summary
-
-
-def rank_state_dict(src: ExportPlan, layout: Layout, spec: str, tp_rank: int, pp_rank: int, ep_rank: int) -> dict:
-    """One rank's legacy state dict for `layout` (without virtual stages: one model chunk), from a checkpoint of
-    any format: what `verify` loads into the Megatron model when the checkpoint is torch_dist (or saved at another
-    layout)."""
-    if layout.vpp_size:
-        raise StepconvError(f"internal: one state dict per rank asked for {layout}, which has model chunks")
-    source = MegatronSource(src)
-    pl = plan_import(src.cfg, {i.name: i.dtype for i in src.infos}, ImportOptions.for_layout(layout, spec=spec))
-    out = {}
-    for e in pl.entries:
-        if e.stage != pp_rank or not e.on(ep_rank) or not e.kind.megatron:
-            continue
-        shards = pl.step(e, source.read(e) if e.kind.sources else [])
-        out[e.key] = shards[layout.shard_index(e.routed, tp_rank, pp_rank, ep_rank)]
-    source.finish()
-    return out

@@ -449,25 +449,3 @@ def hf_shapes(cfg: Step35Config, entries: list[Entry] | None = None) -> dict[str
         if not e.replica:
             out.update(zip(e.hf, e.hf_shapes))
     return out
-
-
-def respec_state_dict(sd: dict, cfg: Step35Config, layout: Layout, stage: int, ep_rank: int, *,
-                      src: str, dst: str, src_mtp: str = MTP_BLOCK, dst_mtp: str = MTP_BLOCK, chunk: int = 0) -> dict:
-    """One rank's state dict renamed from spec `src` to spec `dst` (TE <-> local): tensors kept,
-    `_extra_state` entries made what `dst` expects (None). Used to run a TE-spec checkpoint on the
-    local spec (CPU) and to read megatron >= 0.17 `mtp_model_layer` names."""
-    def keyed(spec: str, mtp: str) -> tuple[list[Entry], list[Entry]]:
-        es = [e for e in plan(cfg, layout, spec, mtp)
-              if e.stage == stage and e.chunk == chunk and e.on(ep_rank) and e.kind.megatron]
-        return [e for e in es if e.kind is not EXTRA], [e for e in es if e.kind is EXTRA]
-
-    a, _ = keyed(src, src_mtp)
-    b, b_extra = keyed(dst, dst_mtp)
-    out = {}
-    for x, y in zip(a, b):
-        if x.key not in sd:
-            raise StepconvError(f"rank file (stage {stage}, EP rank {ep_rank}) lacks {x.key} for spec {src}")
-        out[y.key] = sd[x.key]
-    for e in b_extra:
-        out[e.key] = None
-    return out

@@ -10,7 +10,6 @@ the kernel after each tensor is consumed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import ctypes.util
 import mmap
@@ -210,7 +209,7 @@ def _megatron_safe_globals() -> list:
     return list(getattr(sg, "SAFE_GLOBALS", []))
 
 
-def _allowed(extra: list):
+def _allow(extra: list) -> None:
     """Register `extra` for weights_only loads, for the rest of the process (idempotent), never through torch's
     `safe_globals` context: on exit that context removes every global it named, process-wide. Loads run on several
     threads and megatron-core may be imported (registering Namespace & co. itself) while one is in flight, so a
@@ -219,7 +218,6 @@ def _allowed(extra: list):
     What is registered is benign: Namespace, SimpleNamespace, PosixPath, and megatron-core's own list, which its
     import registers anyway."""
     torch.serialization.add_safe_globals(list(extra))
-    return contextlib.nullcontext()
 
 
 def load_rank_file(path: Path, need_model: bool = True) -> dict:
@@ -230,8 +228,8 @@ def load_rank_file(path: Path, need_model: bool = True) -> dict:
     check_zip_sizes(path, regular_file(path, "rank file" if need_model else "torch.save file").st_size)
     for allow in (_SAFE, None):
         try:
-            with _allowed(allow if allow is not None else _SAFE + _megatron_safe_globals()):
-                obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+            _allow(allow if allow is not None else _SAFE + _megatron_safe_globals())
+            obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             break
         except pickle.UnpicklingError as e:
             if allow is None:

@@ -1,5 +1,6 @@
 import glob
 import importlib.util
+import shutil
 import sys
 from pathlib import Path
 
@@ -36,3 +37,11 @@ def fixture_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixture_tensors() -> dict[str, torch.Tensor]:
     return load_hf(FIXTURE)
+
+
+@pytest.fixture
+def hf(tmp_path, fixture_dir) -> Path:
+    """A writable copy of the fixture checkpoint, for tests that damage it."""
+    d = tmp_path / "hf"
+    shutil.copytree(fixture_dir, d)
+    return d

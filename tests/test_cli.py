@@ -26,13 +26,6 @@ def one_line_error(code, err, *needles):
         assert n in lines[0], lines[0]
 
 
-@pytest.fixture
-def hf(tmp_path, fixture_dir):
-    d = tmp_path / "hf"
-    shutil.copytree(fixture_dir, d)
-    return d
-
-
 def rewrite(d, fn):
     """Apply fn(tensors: dict) to the second shard file, keeping the index in step."""
     f = d / "model-00002-of-00002.safetensors"

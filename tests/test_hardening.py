@@ -53,13 +53,6 @@ def assert_one_line(code, err, expected_code, *needles):
         assert n in lines[0], lines[0]
 
 
-@pytest.fixture
-def hf(tmp_path, fixture_dir):
-    d = tmp_path / "hf"
-    shutil.copytree(fixture_dir, d)
-    return d
-
-
 # --- malformed safetensors headers: generated from the fixture's own header --------------------------------
 def _rewrite_header(path, mutate):
     raw = path.read_bytes()
