@@ -35,10 +35,10 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 
-def make_config(scale: int, layers: int, moe: int, mtp: int) -> dict:
+def make_config(scale: int, layers: int, moe: int, mtp: int, experts: int = 288) -> dict:
     from run_bench import synth_config
 
-    cfg = synth_config(scale, layers=layers, mtp=mtp)
+    cfg = synth_config(scale, layers=layers, mtp=mtp, experts=experts)
     cfg["moe_layers_enum"] = ",".join(str(i) for i in range(layers - moe, layers))
     return cfg
 
@@ -145,14 +145,16 @@ def main(argv=None) -> int:
     ap.add_argument("--moe", type=int, default=1)
     ap.add_argument("--mtp", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=None)
-    ap.add_argument("--runs", default="cuda:tp2:fp32,cuda:tp1ep2:fp32,cuda:tp2:bf16,cuda:tp1ep2:bf16,cpu:tp2:fp32")
+    ap.add_argument("--experts", type=int, default=288, help="routed experts per MoE layer (top-k stays 8)")
+    ap.add_argument("--runs", default="cuda:tp2:fp32,cuda:tp1ep2:fp32,cuda:tp2:bf16,cuda:tp1ep2:bf16,cpu:tp2:fp32",
+                    help="comma-separated device:layout:dtype; empty: only write the checkpoint (OUT/hf)")
     ap.add_argument("--controls", default=None, help="DEVICE:DTYPE, e.g. cuda:bf16")
     ap.add_argument("--keep", action="store_true", help="keep the converted checkpoints under OUT")
     ap.add_argument("--verify-layers", default=None, help="verify --layers A:B (e.g. 1:3: no head or MTP)")
     a = ap.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = make_config(a.scale, a.layers, a.moe, a.mtp)
+    cfg = make_config(a.scale, a.layers, a.moe, a.mtp, a.experts)
     hf = out / "hf"
     t = time.time()
     if not (hf / "config.json").exists():
@@ -160,7 +162,7 @@ def main(argv=None) -> int:
     print(f"checkpoint {time.time() - t:.1f} s", flush=True)
     dirs = {"tp2": (out / "tp2", dict(tp=2)), "tp1ep2": (out / "tp1ep2", dict(tp=1, ep=2))}
     results = []
-    for run in a.runs.split(","):
+    for run in filter(None, a.runs.split(",")):
         device, lay, dtype = run.split(":")
         d, kw = dirs[lay]
         if not d.exists():

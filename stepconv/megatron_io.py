@@ -215,26 +215,77 @@ def _allow(extra: list) -> None:
     threads and megatron-core may be imported (registering Namespace & co. itself) while one is in flight, so a
     context exiting in one thread unregistered what megatron-core registered, and Megatron's own
     `load_common_state_dict` failed later in the same process (seen in the suite once readers ran concurrently).
-    What is registered is benign: Namespace, SimpleNamespace, PosixPath, and megatron-core's own list, which its
-    import registers anyway."""
+    What is registered is benign: Namespace, SimpleNamespace, PosixPath, megatron-core's own list, which its
+    import registers anyway, and inert stand-ins (`ForeignMegatronValue`)."""
     torch.serialization.add_safe_globals(list(extra))
 
 
+class ForeignMegatronValue:
+    """Stand-in for a pickled value of a class outside the installed megatron-core's allowlist, written by Megatron.
+
+    Megatron-LM records its whole argparse Namespace in every checkpoint, and a newer Megatron-LM puts its own new
+    enums there (Megatron-LM dev bd5c98f779: `args.inference_cuda_graph_scope` is a
+    `megatron.core.transformer.enums.InferenceCudaGraphScope`, which megatron-core 0.16.1 lacks), so its checkpoints
+    do not load under the installed megatron-core's allowlist. stepconv reads only the model tensors and the
+    architecture fields of args; such a value becomes an instance of this class, which keeps what the pickle gave it
+    (`args` of the call, `state`) and runs nothing. Only globals under `megatron.` get a stand-in, and
+    `torch._C.Generator` (RNG-tracker states, which newer megatron-core allowlists)."""
+
+    qualname = "?"
+
+    def __new__(cls, *args):
+        self = object.__new__(cls)
+        self.args, self.state = args, None
+        return self
+
+    def __init__(self, *args):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def __repr__(self) -> str:
+        inner = ", ".join(map(repr, self.args)) if self.args else f"state={self.state!r}"
+        return f"{self.qualname}({inner})"
+
+
+_FOREIGN: dict[str, type] = {}
+
+
+def _foreign_stand_ins(path: Path) -> list:
+    """Stand-ins for the not-allowlisted megatron globals of `path`'s pickle (read without running it); refuses any
+    other global with one line naming it."""
+    names = sorted(torch.serialization.get_unsafe_globals_in_checkpoint(str(path)))
+    refused = [n for n in names if not n.startswith("megatron.") and n != "torch._C.Generator"]
+    if refused:
+        raise StepconvError(f"{path}: not loadable with weights_only=True: its pickle names {names_text(refused)}, "
+                            f"which Megatron does not write; refusing to unpickle it")
+    for n in names:
+        if n not in _FOREIGN:
+            _FOREIGN[n] = type(n.rsplit(".", 1)[-1], (ForeignMegatronValue,), {"qualname": n})
+    return [(_FOREIGN[n], n) for n in names]
+
+
 def load_rank_file(path: Path, need_model: bool = True) -> dict:
-    """torch.load(weights_only=True, mmap=True) under megatron-core's safe globals; nothing else is unpickled.
+    """torch.load(weights_only=True, mmap=True) under megatron-core's safe globals; nothing else is unpickled, but
+    values of megatron-core classes a newer Megatron-LM wrote load as inert stand-ins (`ForeignMegatronValue`).
     (Also reads a torch_dist `common.pt`, `need_model=False`: its args hold megatron enums.)"""
     if not path.exists():
         raise StepconvError(f"{path}: missing " + ("rank file" if need_model else "file"))
     check_zip_sizes(path, regular_file(path, "rank file" if need_model else "torch.save file").st_size)
-    for allow in (_SAFE, None):
+    for attempt in range(3):
         try:
-            _allow(allow if allow is not None else _SAFE + _megatron_safe_globals())
+            _allow(_SAFE if attempt == 0 else _SAFE + _megatron_safe_globals())
+            if attempt == 2:
+                _allow(_foreign_stand_ins(path))
             obj = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
             break
         except pickle.UnpicklingError as e:
-            if allow is None:
+            if attempt == 2:
+                lines = str(e).splitlines()
+                why = next((ln for ln in lines if "WeightsUnpickler error" in ln), lines[0] if lines else "")
                 raise StepconvError(f"{path}: not loadable with weights_only=True under megatron-core's safe "
-                                    f"globals ({str(e).splitlines()[0]})") from None
+                                    f"globals ({why.strip()})") from None
         except (RuntimeError, EOFError, OSError) as e:
             raise StepconvError(f"{path}: corrupt or truncated rank file ({str(e).splitlines()[0]})") from None
     if not isinstance(obj, dict) or (need_model and not model_keys(obj)):

@@ -6,6 +6,7 @@ Most cases run the CLI in-process (`stepconv.cli.main`, the same boundary as the
 torch import per case); the file-size-limit cases need a process of their own (RLIMIT_FSIZE)."""
 
 import argparse
+import enum
 import json
 import os
 import resource
@@ -177,6 +178,11 @@ def _resave(path, fn):
     torch.save(obj, path)
 
 
+class _CallsPrint:
+    def __reduce__(self):
+        return (print, ("unpickled: builtins.print was called",))
+
+
 def _zip_bomb(path):
     obj = dict(load_rank_file(path))
     obj["model"] = dict(obj["model"])
@@ -203,6 +209,8 @@ RANK_FAULTS = {  # (which rank file, how): each exports wrong HF weights if it i
     "TP 10^9 in args": (0, lambda o: setattr(o["args"], "tensor_model_parallel_size", 10**9)),
     "metadata not an object": (0, lambda o: setattr(o["args"], "stepconv", ["x"])),
     "zip bomb": (1, _zip_bomb),
+    # a global Megatron never writes: refused by name, never called (megatron-core's own globals get stand-ins)
+    "foreign global in args": (0, lambda o: setattr(o["args"], "extra", _CallsPrint())),
 }
 
 
@@ -224,6 +232,32 @@ def test_malformed_rank_files(mcore, tmp_path, capsys, fault):
     if fault != "replica differs":  # (a value check: inspect reads no tensor bytes)
         code, out, err = cli(capsys, "inspect", m)  # inspect agrees with the conversion
         assert code == 2, out
+
+
+def test_newer_megatron_enum_in_args_loads_as_a_stand_in(mcore, tmp_path, capsys, monkeypatch):
+    """Megatron-LM dev (bd5c98f779) saves `args.inference_cuda_graph_scope` as an enum megatron-core 0.16.1 lacks;
+    its checkpoints must still export (seen on the device: mcore-to-hf refused them), the value an inert stand-in."""
+    import megatron.core.transformer.enums as enums
+
+    class InferenceCudaGraphScope(enum.Enum):  # as dev defines it, under dev's module path
+        none = 1
+        block = 2
+
+    InferenceCudaGraphScope.__module__, InferenceCudaGraphScope.__qualname__ = enums.__name__, "InferenceCudaGraphScope"
+    m = tmp_path / "m"
+    shutil.copytree(mcore, m)
+    with monkeypatch.context() as mp:
+        mp.setattr(enums, "InferenceCudaGraphScope", InferenceCudaGraphScope, raising=False)
+        for r in (0, 1):
+            _resave(_rank(m, r), lambda o: setattr(o["args"], "inference_cuda_graph_scope",
+                                                   InferenceCudaGraphScope.none))
+    assert not hasattr(enums, "InferenceCudaGraphScope")
+    name = "megatron.core.transformer.enums.InferenceCudaGraphScope"
+    assert name in torch.serialization.get_unsafe_globals_in_checkpoint(str(_rank(m, 0)))
+    value = load_rank_file(_rank(m, 0))["args"].inference_cuda_graph_scope
+    assert repr(value) == f"{name}(1)" and not isinstance(value, InferenceCudaGraphScope)
+    code, _, err = cli(capsys, "mcore-to-hf", "-q", m, "-o", tmp_path / "h")
+    assert code == 0, err
 
 
 TRACKER_FAULTS = {

@@ -9,6 +9,7 @@
 #   WORK         output folder (mcore/, trained/, hf-trained/, logs)
 #   NPROC=2  TP=$NPROC  PP=1  EP=1  FORMAT=torch (or torch_dist)  DTYPE=fp32 (or bf16)
 #   ITERS=20  SEQ=64  MBS=4  GBS=4  LR=1e-3  DATA="--mock-data" (or "--data-path PREFIX")
+#   PORT=29500   torchrun's master port (two runs at once on one machine need two ports)
 #   VOCAB_ARG    --vocab-size for NullTokenizer [default: the config's vocab_size (Megatron-LM dev);
 #                core_v0.16's NullTokenizer adds an end-of-document token: pass vocab_size - 1 there]
 #   EXTRA        more Megatron-LM flags
@@ -28,8 +29,10 @@ $PY -m stepconv.cli hf-to-mcore "$HF" -o "$WORK/mcore" --tp "$TP" --pp "$PP" --e
 
 PREC=(); [ "$DTYPE" = bf16 ] && PREC=(--bf16)
 SP=(); [ "$TP" -gt 1 ] && SP=(--sequence-parallel)   # megatron's MoE layer trains at TP > 1 only with it
+# Megatron-LM's argument validation refuses TP > 1 without it (its own example scripts export it)
+export CUDA_DEVICE_MAX_CONNECTIONS=${CUDA_DEVICE_MAX_CONNECTIONS:-1}
 cd "$MEGATRON_LM"
-$PY -m torch.distributed.run --nproc-per-node "$NPROC" "$HERE/pretrain_step35.py" \
+$PY -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "${PORT:-29500}" "$HERE/pretrain_step35.py" \
     --use-checkpoint-args --load "$WORK/mcore" --finetune --no-load-optim --no-load-rng \
     --ckpt-format "$FORMAT" --save "$WORK/trained" --save-interval "$ITERS" \
     --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP" --expert-model-parallel-size "$EP" \
@@ -45,4 +48,4 @@ cd - >/dev/null
 
 # the trained weights in the dtype they were trained in (fp32 rounded to the config's bf16 fails verify's fp32 gate)
 $PY -m stepconv.cli mcore-to-hf "$WORK/trained" -o "$WORK/hf-trained" --dtype "$DTYPE" --overwrite
-$PY -m stepconv.cli verify "$WORK/hf-trained" "$WORK/trained" --dtype fp32
+$PY -m stepconv.cli verify "$WORK/hf-trained" "$WORK/trained" --dtype fp32 --json "$WORK/verify.json"
