@@ -229,7 +229,7 @@ class ForeignMegatronValue:
     do not load under the installed megatron-core's allowlist. stepconv reads only the model tensors and the
     architecture fields of args; such a value becomes an instance of this class, which keeps what the pickle gave it
     (`args` of the call, `state`) and runs nothing. Only globals under `megatron.` get a stand-in, and
-    `torch._C.Generator` (RNG-tracker states, which newer megatron-core allowlists)."""
+    `torch._C.Generator`, which newer megatron-core allowlists for its torch-format checkpoints."""
 
     qualname = "?"
 
