@@ -6,8 +6,8 @@
 
 1. Generates a HF folder with the real config.json's fields at width 4096/scale (head counts 64/96, 8 KV groups,
    288 experts or `--experts`, vocab 128896), `--layers` main layers (layer 0 full attention, the rest sliding) of
-   which the `--moe` last are MoE, and `--mtp` MTP layers. Every tensor is its own seeded normal draw (made on a GPU when
-   there is one), so every expert of a stacked tensor has distinct weights (an expert mix-up is visible).
+   which the `--moe` last are MoE, and `--mtp` MTP layers. Every tensor is its own seeded normal draw (made on a
+   GPU when there is one), so every expert of a stacked tensor has distinct weights (an expert mix-up is visible).
 2. Converts it with hf-to-mcore to TP=2 and to TP=1 x EP=2 (local spec).
 3. Runs each verify of `--runs` (device:layout:dtype) and prints, per run, the pass/fail, the worst per-layer
    teacher-forced numbers and seconds per dense and MoE layer on each side; then the full 45 + 3 MTP layer time

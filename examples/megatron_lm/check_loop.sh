@@ -12,7 +12,7 @@ mkdir -p "$WORK"
 export STEPCONV_RECORD_BATCH="$WORK/batch0.pt"
 rc=0
 "$HERE/finetune.sh" 2>&1 | tee "$WORK/loop.log" || rc=$?
-[ -f "$WORK/batch0.pt" ] || { echo "check_loop: no recorded batch: Megatron-LM training failed (see $WORK/train.log)"; exit 1; }
+[ -f "$WORK/batch0.pt" ] || { echo "check_loop: no recorded batch: training failed (see $WORK/train.log)"; exit 1; }
 HF_LOSS=$($PY "$HERE/hf_loss.py" "$HF" "$WORK/batch0.pt" | awk '{print $4}')
 # fp32: 1e-5 relative: both sides fp32, differing in reduction order only; Megatron-LM logs 7 digits (measured
 # on 2 x H100: 4.2e-8 at fixture scale, 5.6e-8 at real width). bf16: 1e-3: Megatron-LM computes in bf16, the
