@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
 from torch import nn
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
@@ -45,6 +46,7 @@ from transformers.models.step3p7.modeling_step3p7 import (Step3p7DecoderLayer, S
 
 from .config import Step35Config
 from .hf_io import HFCheckpoint
+from .reference import LayerTrace, mtp_step
 
 __all__ = ["HFReference", "load_hf_reference", "build_text_config", "StreamedReference", "LayerTrace"]
 
@@ -370,23 +372,6 @@ def load_hf_reference(hf_dir: str | Path, *, dtype: torch.dtype = torch.float32,
 # --------------------------------------------------------------------------------------------- streamed
 
 
-@dataclass
-class LayerTrace:
-    """What one HF decoder layer did to its input (all [B, S, H] unless noted; on the reference's device).
-
-    ``mid``: the residual stream after attention (the MLP's input); ``out``: the layer output. MoE layers also:
-    ``x`` the MLP's normalised input, ``idx``/``weights`` [B*S, top_k] the router's selection and its normalised
-    weights, ``slots`` [top_k, B*S, H] the selected experts' own outputs (selection j of every token, weight 1).
-    """
-
-    out: torch.Tensor
-    mid: torch.Tensor
-    x: torch.Tensor | None = None
-    idx: torch.Tensor | None = None
-    weights: torch.Tensor | None = None
-    slots: torch.Tensor | None = None
-
-
 class StreamedReference:
     """The HF reference run one decoder layer at a time: each layer is built on the meta device, filled strictly
     from that layer's safetensors (and nothing else), run, and dropped, so memory holds one layer, not the model.
@@ -402,6 +387,7 @@ class StreamedReference:
         self.ckpt = HFCheckpoint(hf_dir)
         self.config = cfg = self.ckpt.config
         self.dtype, self.device = dtype, torch.device(device)
+        self.description = f"transformers {transformers.__version__} in-tree Step3p7 layers"
         self.text_config = build_text_config(cfg)
         self.mtp_config = build_text_config(cfg, with_mtp_layers=True)
         with torch.device("meta"):
@@ -492,18 +478,14 @@ class StreamedReference:
         with torch.device("meta"):
             layer = _MTPLayer(self.mtp_config, L + k)
         layer = self._fill(layer, f"mtp.{k}.")
-        n = self._embeddings.shape[1] - k - 1  # positions t whose token t+k+1 exists
-        e = layer.enorm(self._embeddings[:, k + 1:])
-        z = layer.eh_proj(torch.cat([e, layer.hnorm(h[:, :n])], dim=-1))  # embedding first, hidden second
-        pos = self._pos[:, :n]
         kind = layer.attention_type
-        mask = self._masks[("mtp", kind)][..., :n, :n]
         cos, sin = self._pe[("mtp", kind)]
-        z = layer(z, attention_mask=mask, position_ids=pos, position_embeddings=(cos[:, :n], sin[:, :n]))
-        head = layer.transformer.shared_head
-        logits = head.output(head.norm(z)).float()
-        del layer
-        return z, logits
+
+        def block(z, n):
+            return layer(z, attention_mask=self._masks[("mtp", kind)][..., :n, :n], position_ids=self._pos[:, :n],
+                         position_embeddings=(cos[:, :n], sin[:, :n]))
+
+        return mtp_step(layer, self._embeddings, h, k, block)
 
     @torch.no_grad()
     def mtp_logits(self, k: int, normed: torch.Tensor) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Parity of a Megatron checkpoint with the HF checkpoint it came from, streamed one layer at a time.
 
-The HF side is transformers' own Step3p7 layers (``stepconv.hf_reference.StreamedReference``); the Megatron side is
-stepconv.mcore's Step-3.5 modules on real megatron-core (``stepconv.mcore.stream``), run as a TP x EP world of
+The HF side is transformers' own Step3p7 layers (``stepconv.hf_reference.StreamedReference``), or with
+``trust_remote_code`` the checkpoint folder's own modeling_step3p5.py (``stepconv.remote_reference``); the Megatron
+side is stepconv.mcore's Step-3.5 modules on real megatron-core (``stepconv.mcore.stream``), run as a TP x EP world of
 processes (gloo on CPU, NCCL on GPUs). Each side holds one layer at a time, loaded with only that layer's weights,
 so memory does not grow with depth. The caller runs the HF layers and leaves each one's inputs and outputs in an
 exchange folder; the ranks, a few layers behind, run the same Megatron layer:
@@ -69,6 +70,7 @@ class VerifyReport:
     layer_range: tuple[int, int]
     layers: list[dict]
     first_divergent_layer: int | None
+    reference: str = ""  # what ran the HF side (and what of the model it does not cover)
     logits: Metrics | None = None  # free-running chain
     head: Metrics | None = None  # final norm + output layer on the HF last hidden state
     mtp: list[Metrics] = field(default_factory=list)
@@ -86,6 +88,7 @@ class VerifyReport:
         lines = [f"verify {self.hf_dir} vs {self.mcore_dir}",
                  f"  {self.layout} on {self.device}, {self.dtype}, batch {self.batch} x {self.seq_len} tokens, layers "
                  f"{a}:{b}, sliding window convention {self.window_convention}",
+                 f"  HF side: {self.reference}",
                  "teacher-forced per layer (relative to the sublayer's update; chain = free-running, relative to "
                  "the hidden state):",
                  f"{'':<12}{'attn max':>10}{'mlp max':>10}{'layer max':>10}{'mean':>10}{'cosine':>11}"
@@ -281,7 +284,6 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
     processes (each layer is loaded and run once per checkpoint); one report each. All run at one TP x EP: `layout`,
     else the first checkpoint's; a checkpoint saved otherwise (or torch_dist) is resplit to it as it is read."""
     from .convert import check_export, check_hf, plan_export
-    from .hf_reference import StreamedReference
     from .mcore.run import RankError, start_ranks
     from .mcore.stream import RankFileWeights, ResplitWeights, StreamJob, stream_rank
     from .progress import steps
@@ -289,20 +291,6 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
     t0 = time.time()
     if dtype not in GATES:
         raise StepconvError(f"--dtype must be fp32 or bf16; got {dtype!r}")
-    if trust_remote_code:
-        # Measured on the only copy of modeling_step3p5.py we could reach offline (MindSpeed-LLM's, Apache-2.0;
-        # docs/VERIFY.md): its decoder layers build on transformers 4.57.1, which has no transformers.models.step3p7
-        # (our reference); on 5.24.0 none builds.
-        import transformers
-
-        raise StepconvError(
-            f"--trust-remote-code is not supported: modeling_step3p5.py (as measured on MindSpeed-LLM's copy) cannot "
-            f"build a decoder layer on "
-            f"transformers {transformers.__version__} (measured on 5.24.0: its Step3p5Config rejects 48 layer_types "
-            f"for 45 layers; with those cut to 45, a full-attention layer fails in the llama3 RoPE init on the "
-            f"per-layer list rope_theta (TypeError) and a sliding layer on ROPE_INIT_FUNCTIONS['default'] "
-            f"(KeyError)); it builds on 4.57.1, which lacks the in-tree reference transformers.models.step3p7 "
-            f"(see docs/VERIFY.md)")
     hf_dir = Path(hf_dir)
     cfg = check_hf(hf_dir).config  # the conversions' own validation of the reference folder
     srcs = []
@@ -343,6 +331,7 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
             weights.append(RankFileWeights(src.source.path, cfg.raw, src.layout, src.spec, detect_mtp_block(keys)))
         else:
             weights.append(ResplitWeights(Path(d), iteration, hf_dir / "config.json", tp, ep))
+    ref = _reference(hf_dir, trust_remote_code, torch_dtype, device)  # its strict name check runs before any rank
     exchange = Path(tempfile.mkdtemp(prefix="stepconv_verify_"))
     pieces = 1 + (last - first) + (1 + cfg.num_mtp if full else 0)
     job = StreamJob(cfg.raw, weights, torch_dtype, window_convention, str(exchange), first, last, full)
@@ -367,10 +356,6 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
                 tick(f"HF {tag.replace('_', ' ')}")
 
             t1 = time.time()
-            try:
-                ref = StreamedReference(hf_dir, dtype=torch_dtype, device="cuda" if device == "cuda" else "cpu")
-            except (ValueError, NotImplementedError) as e:  # strict-load problems, unsupported configs: one line
-                raise StepconvError(f"{hf_dir}: {str(e).splitlines()[0]}") from None
             h = ref.start(ids)
             hand_over("start", {"ids": ids, "h": h})
             hf_seconds["start"] = time.time() - t1
@@ -431,13 +416,29 @@ def verify_many(hf_dir: str | os.PathLike, mcore_dirs: list, *, dtype: str = "fp
             if len(mtp) != cfg.num_mtp:
                 failures.append(f"MTP: compared {len(mtp)} of {cfg.num_mtp} layers")
         rep = VerifyReport(str(hf_dir), str(d), f"TP={tp} EP={ep}", dtype, device, window_convention, batch, seq_len,
-                           (first, last), rows, first_bad, lead.get("logits"), lead.get("head"), mtp,
+                           (first, last), rows, first_bad, ref.description, lead.get("logits"), lead.get("head"), mtp,
                            passed=not failures, failures=failures,
                            timings={"hf_s": t_hf, "total_s": time.time() - t0, "hf_pieces_s": hf_seconds,
                                     "megatron_pieces_s": mc_seconds}, peak_rss_mib=rss)
         rep.seconds = time.time() - t0
         reports.append(rep)
     return reports
+
+
+def _reference(hf_dir: Path, trust_remote_code: bool, dtype: torch.dtype, device: str):
+    """The HF side: transformers' in-tree Step3p7 layers, or with `trust_remote_code` the folder's own modeling file
+    (``remote_reference``, which never imports the in-tree model, so it also runs on transformers 4.x)."""
+    where = "cuda" if device == "cuda" else "cpu"
+    if trust_remote_code:
+        from .remote_reference import RemoteReference
+
+        return RemoteReference(hf_dir, dtype=dtype, device=where)
+    from .hf_reference import StreamedReference
+
+    try:
+        return StreamedReference(hf_dir, dtype=dtype, device=where)
+    except (ValueError, NotImplementedError) as e:  # strict-load problems, unsupported configs: one line
+        raise StepconvError(f"{hf_dir}: {str(e).splitlines()[0]}") from None
 
 
 def _peak_rss_mib() -> float:
