@@ -148,16 +148,16 @@ class RemoteReference:
         head = [n for n, m in owners.items() if isinstance(m, nn.Linear)]
         norm = [n for n in owners if n not in embed + head]
         lists = [n for n, m in top.named_modules() if isinstance(m, nn.ModuleList)]
-        split = [m._no_split_modules for m in top.modules() if getattr(m, "_no_split_modules", None)]
+        split = sorted({n for m in top.modules() for n in (getattr(m, "_no_split_modules", None) or ())})
         module = sys.modules[model_cls.__module__]
-        layer_cls = getattr(module, split[0][0], None) if split else None
-        if not (len(embed) == len(head) == len(norm) == len(lists) == 1 and isinstance(layer_cls, type)):
+        classes = [c for c in (getattr(module, n, None) for n in split) if isinstance(c, type)]
+        if not (len(embed) == len(head) == len(norm) == len(lists) == len(classes) == 1):
             raise StepconvError(f"{self.hf_dir}/{self.files[-1]}: expected {model_cls.__name__} to hold one embedding, "
                                 f"one final norm, one output Linear, one list of decoder layers and to name their "
                                 f"class in _no_split_modules; found embeddings {embed}, Linears {head}, other "
                                 f"parameter owners {norm}, layer lists {lists}, _no_split_modules {split}")
         return {"embed": (embed[0], owners[embed[0]]), "norm": (norm[0], owners[norm[0]]),
-                "head": (head[0], owners[head[0]])}, lists[0], layer_cls
+                "head": (head[0], owners[head[0]])}, lists[0], classes[0]
 
     def _build(self, i: int) -> nn.Module:
         """The file's decoder layer `i` (parameters on meta); MTP indices get stepconv's MTP wiring around it."""
