@@ -151,13 +151,11 @@ class _Step35Reference(nn.Module):
     """The modules to load: ``model.language_model`` and ``lm_head`` as in ``Step3p7ForConditionalGeneration``
     (the names transformers' conversion mapping produces), and ``mtp.{k}``."""
 
-    def __init__(self, config: Step3p7TextConfig, ext_config: Step3p7TextConfig, num_mtp: int, *,
-                 backbone: bool = True):
+    def __init__(self, config: Step3p7TextConfig, ext_config: Step3p7TextConfig, num_mtp: int):
         super().__init__()
-        if backbone:
-            self.model = nn.Module()
-            self.model.language_model = Step3p7TextModel(config)
-            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.model = nn.Module()
+        self.model.language_model = Step3p7TextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.mtp = nn.ModuleList(_MTPLayer(ext_config, config.num_hidden_layers + k) for k in range(num_mtp))
 
 
@@ -169,13 +167,13 @@ class _Routes:
 
     Names go through transformers' conversion mapping for Step3p7 as its loader applies it: every renaming,
     then at most one converter, whose operations build the fused tensor (gate/up expert stacks). MTP layers,
-    which that mapping leaves at ``model.language_model.layers.{L + k}``, are then moved to ``mtp.{k}``. Without
-    ``backbone`` (remote code runs the main model) only MTP tensors are routed. ``problems`` lists, strictly,
+    which that mapping leaves at ``model.language_model.layers.{L + k}``, are then moved to ``mtp.{k}``. ``problems``
+    lists, strictly,
     every checkpoint name without a destination and every destination without a source; ``read`` then fills any
     subset of destinations (one decoder layer at a time when streaming).
     """
 
-    def __init__(self, ckpt: HFCheckpoint, expected: set[str], *, backbone: bool):
+    def __init__(self, ckpt: HFCheckpoint, expected: set[str]):
         mapping = get_checkpoint_conversion_mapping(Step3p7Config.model_type)
         renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
         converters = [t for t in mapping if isinstance(t, WeightConverter)]
@@ -189,8 +187,6 @@ class _Routes:
             target, pattern = rename_source_key(name, renamings, converters)
             if (m := _LAYER_RE.match(target)) and cfg.num_layers <= int(m[1]) < cfg.num_layers + cfg.num_mtp:
                 target = f"mtp.{int(m[1]) - cfg.num_layers}.{m[2]}"
-            elif not backbone:
-                continue
             if target not in expected:
                 leftover.append(name if target == name else f"{name} (as {target})")
                 continue
@@ -232,10 +228,10 @@ class _Routes:
         return sd
 
 
-def _load_checkpoint(ref: _Step35Reference, ckpt: HFCheckpoint, dtype: torch.dtype, *, backbone: bool) -> None:
+def _load_checkpoint(ref: _Step35Reference, ckpt: HFCheckpoint, dtype: torch.dtype) -> None:
     """Fill ``ref`` from the checkpoint; raise ValueError listing every name without a counterpart."""
     expected = set(ref.state_dict())
-    routes = _Routes(ckpt, expected, backbone=backbone)
+    routes = _Routes(ckpt, expected)
     routes.check()
     ref.load_state_dict(routes.read(sorted(expected), dtype), strict=True, assign=True)
 
@@ -249,9 +245,8 @@ class HFReference:
 
     config: Step35Config  # the checkpoint's config
     dtype: torch.dtype
-    backend: str  # "step3p7" (transformers in-tree) or "remote" (checkpoint's modeling_step3p5.py)
-    model: nn.Module  # Step3p7TextModel, or the remote ...ForCausalLM
-    lm_head: nn.Module | None
+    model: nn.Module  # Step3p7TextModel
+    lm_head: nn.Module
     mtp: nn.ModuleList
     text_config: Any = None  # Step3p7TextConfig of the main stack
     mtp_config: Any = None  # Step3p7TextConfig extended over the MTP indices
@@ -261,15 +256,12 @@ class HFReference:
     def num_layers(self) -> int:
         return self.config.num_layers
 
-    def _backbone(self) -> nn.Module:
-        return self.model if self.backend == "step3p7" else self.model.model
-
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> dict[str, Any]:
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [B, S], got {tuple(input_ids.shape)}")
         input_ids = input_ids.long()
-        backbone = self._backbone()
+        backbone = self.model
         layers = list(backbone.layers)[: self.num_layers]
         captured: dict[int, torch.Tensor] = {}
 
@@ -281,11 +273,8 @@ class HFReference:
         handles = [backbone.embed_tokens.register_forward_hook(hook(-1))]
         handles += [layer.register_forward_hook(hook(i)) for i, layer in enumerate(layers)]
         try:
-            if self.backend == "step3p7":
-                last = self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # post final norm
-                logits = self.lm_head(last)
-            else:
-                logits = self.model(input_ids=input_ids, use_cache=False).logits
+            last = self.model(input_ids=input_ids, use_cache=False).last_hidden_state  # post final norm
+            logits = self.lm_head(last)
         finally:
             for h in handles:
                 h.remove()
@@ -326,13 +315,10 @@ class HFReference:
         return logits_out, hidden_out
 
 
-def load_hf_reference(hf_dir: str | Path, *, dtype: torch.dtype = torch.float32,
-                      trust_remote_code: bool = False) -> HFReference:
-    """Load a Step-3.5 HF checkpoint folder as a CPU reference model.
-
-    Default: transformers' in-tree Step3p7 text model plus MTP layers, loaded strictly from the safetensors.
-    With ``trust_remote_code=True`` and a ``modeling_step3p5.py`` in the folder, the main model comes from
-    ``AutoModelForCausalLM`` (remote code, which ignores MTP weights); the MTP layers are still built here.
+def load_hf_reference(hf_dir: str | Path, *, dtype: torch.dtype = torch.float32) -> HFReference:
+    """Load a Step-3.5 HF checkpoint folder as a CPU reference model: transformers' in-tree Step3p7 text model plus
+    MTP layers, loaded strictly from the safetensors. (The checkpoint's own modeling_step3p5.py runs in verify,
+    streamed: ``remote_reference.RemoteReference``.)
 
     Example: ``load_hf_reference("ckpt", dtype=torch.bfloat16).forward(ids)["logits"]`` (ids: [B, S] token ids).
     """
@@ -341,22 +327,14 @@ def load_hf_reference(hf_dir: str | Path, *, dtype: torch.dtype = torch.float32,
     cfg = ckpt.config
     text_config = build_text_config(cfg)
     ext_config = build_text_config(cfg, with_mtp_layers=True)
-    remote = trust_remote_code and (hf_dir / "modeling_step3p5.py").exists()
 
     with torch.device("meta"):  # no random init; real tensors are assigned by the strict load
-        ref = _Step35Reference(text_config, ext_config, cfg.num_mtp, backbone=not remote)
-    _load_checkpoint(ref, ckpt, dtype, backbone=not remote)
-    if remote:
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_pretrained(hf_dir, trust_remote_code=True, dtype=dtype,
-                                                     attn_implementation="eager").eval()
-        lm_head = None
-    else:
-        model, lm_head = ref.model.language_model, ref.lm_head
-        model.rotary_emb = Step3p7RotaryEmbedding(config=text_config)  # non-persistent buffers were on meta
-        if model.config._attn_implementation != "eager":
-            raise RuntimeError(f"expected eager attention, got {model.config._attn_implementation}")
+        ref = _Step35Reference(text_config, ext_config, cfg.num_mtp)
+    _load_checkpoint(ref, ckpt, dtype)
+    model, lm_head = ref.model.language_model, ref.lm_head
+    model.rotary_emb = Step3p7RotaryEmbedding(config=text_config)  # non-persistent buffers were on meta
+    if model.config._attn_implementation != "eager":
+        raise RuntimeError(f"expected eager attention, got {model.config._attn_implementation}")
 
     mtp_rotary = Step3p7RotaryEmbedding(config=ext_config)
     ref.eval()
@@ -364,9 +342,8 @@ def load_hf_reference(hf_dir: str | Path, *, dtype: torch.dtype = torch.float32,
         meta = [n for n, t in [*mod.named_parameters(), *mod.named_buffers()] if t.is_meta]
         if meta:
             raise RuntimeError(f"tensors left uninitialised after loading: {meta}")
-    return HFReference(config=cfg, dtype=dtype, backend="remote" if remote else "step3p7", model=model,
-                       lm_head=lm_head, mtp=ref.mtp, text_config=text_config, mtp_config=ext_config,
-                       _mtp_rotary=mtp_rotary)
+    return HFReference(config=cfg, dtype=dtype, model=model, lm_head=lm_head, mtp=ref.mtp, text_config=text_config,
+                       mtp_config=ext_config, _mtp_rotary=mtp_rotary)
 
 
 # --------------------------------------------------------------------------------------------- streamed
@@ -392,7 +369,7 @@ class StreamedReference:
         self.mtp_config = build_text_config(cfg, with_mtp_layers=True)
         with torch.device("meta"):
             skeleton = _Step35Reference(self.text_config, self.mtp_config, cfg.num_mtp)
-        self.routes = _Routes(self.ckpt, set(skeleton.state_dict()), backbone=True)
+        self.routes = _Routes(self.ckpt, set(skeleton.state_dict()))
         self.routes.check()
         del skeleton
         self._embeddings: torch.Tensor | None = None

@@ -310,40 +310,6 @@ def test_strict_load_leftover_tensor(tmp_path):
     assert "model.layers.7.mlp.gate_proj.weight" in str(err.value)
 
 
-def test_remote_code_path(tmp_path, monkeypatch, ref, ref_out, ids):
-    """trust_remote_code + modeling_step3p5.py goes through AutoModelForCausalLM (stubbed here with a
-    model exposing the HF remote-code layout: .model.embed_tokens, .model.layers, .logits)."""
-    import transformers
-
-    ckpt = _copy_fixture(tmp_path)
-    (ckpt / "modeling_step3p5.py").write_text("# remote code placeholder\n")
-    calls = {}
-
-    class _Remote(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = torch.nn.Module()
-            self.model.embed_tokens = ref.model.embed_tokens
-            self.model.layers = ref.model.layers
-
-        def forward(self, input_ids, **kw):
-            out = ref.model(input_ids=input_ids)
-            return type("Out", (), {"logits": ref.lm_head(out.last_hidden_state)})()
-
-    def fake_from_pretrained(path, **kw):
-        calls.update(kw, path=path)
-        return _Remote()
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", fake_from_pretrained)
-    remote = load_hf_reference(ckpt, trust_remote_code=True)
-    assert remote.backend == "remote" and calls["trust_remote_code"] is True
-    assert calls["attn_implementation"] == "eager"
-    out = remote.forward(ids)
-    assert max_diff(out, ref_out) == 0.0
-    # without trust_remote_code the in-tree path is used even though modeling_step3p5.py exists
-    assert load_hf_reference(ckpt).backend == "step3p7"
-
-
 def test_two_mtp_layers_chain(tmp_path):
     """k > 0: MTP layer k reads the previous MTP block output (pre shared_head.norm) and token t+k+1."""
     import importlib.util

@@ -76,7 +76,8 @@ def test_remote_code_that_cannot_run_here_is_one_line(fixture_dir, mcore, tmp_pa
     with pytest.raises(StepconvError) as e:
         verify(broken, mcore, trust_remote_code=True)
     msg = str(e.value)
-    assert "\n" not in msg and f"cannot run on transformers {transformers.__version__} (importing it: ImportError" in msg
+    assert "\n" not in msg
+    assert f"cannot run on transformers {transformers.__version__} (importing it: ImportError" in msg
     assert "NoSuchThingInTransformers" in msg
     # the folder's files are what runs: without them, the line says which are missing
     bare = tmp_path / "remote_absent"
