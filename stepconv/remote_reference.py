@@ -249,6 +249,9 @@ class RemoteReference:
         seen: dict = {}
         hooks = [post.register_forward_hook(lambda _m, args, out: seen.update(mid=args[0], x=out))]
         moe = next((m for m in layer.modules() if hasattr(m, "get_expert_output")), None)
+        if moe is None and self.config.is_moe(i):
+            raise StepconvError(f"{self.hf_dir}/{self.files[-1]}: layer {i} is an MoE layer, but the file's layer has "
+                                "no block with get_expert_output; verify runs each selected expert through it")
         if moe is not None:
             route = getattr(moe, "custom_routing_function", None)
             if not callable(route):

@@ -5,8 +5,6 @@ plain-torch Step-3.5 math), copied into a copy of the fixture as a user's checkp
 third-party code stays out of the repository. StepFun-shaped public copy on transformers 4.57.1: docs/VERIFY.md."""
 
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +13,7 @@ import transformers
 from stepconv.config import StepconvError
 from stepconv.convert import hf_to_mcore
 from stepconv.verify import verify
+from test_hardening import assert_one_line, cli
 
 REMOTE = Path(__file__).resolve().parent / "remote_code"
 
@@ -56,17 +55,13 @@ def test_remote_code_passes_and_a_port_bug_fails_at_its_layer(fixture_dir, mcore
     assert all(not r["failures"] for r in bad.layers if r["index"] in (0, 1))
 
 
-@pytest.mark.slow
-def test_remote_load_is_strict_one_line_exit_2(fixture_dir, mcore, tmp_path):
+def test_remote_load_is_strict_one_line_exit_2(fixture_dir, mcore, tmp_path, capsys):
     """A remote layer that names one tensor differently: both names listed, on one line, before any rank starts."""
     renamed = remote_folder(fixture_dir, tmp_path / "remote_renamed", "self.g_proj", "self.head_gate")
-    p = subprocess.run([sys.executable, "-m", "stepconv.cli", "verify", str(renamed), str(mcore),
-                        "--trust-remote-code", "--quiet"], capture_output=True, text=True)
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2 and len(lines) == 1 and "Traceback" not in p.stderr, p.stderr
-    assert "strict load of configuration_step3p5.py/modeling_step3p5.py failed" in lines[0]
-    assert "model.layers.0.self_attn.head_gate.weight" in lines[0]  # a parameter with no tensor
-    assert "model.layers.0.self_attn.g_proj.weight" in lines[0]  # a tensor with no parameter
+    code, _, err = cli(capsys, "verify", renamed, mcore, "--trust-remote-code", "--quiet")
+    assert_one_line(code, err, 2, "strict load of configuration_step3p5.py/modeling_step3p5.py failed",
+                    "model.layers.0.self_attn.head_gate.weight",  # a parameter with no tensor
+                    "model.layers.0.self_attn.g_proj.weight")  # a tensor with no parameter
 
 
 def test_remote_code_that_cannot_run_here_is_one_line(fixture_dir, mcore, tmp_path):
