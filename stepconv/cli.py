@@ -170,10 +170,9 @@ def verify_cmd(
     iteration: Optional[str] = typer.Option(None, "--iteration", help="Megatron iteration or 'release' [default: latest]."),
     window: Optional[str] = typer.Option(None, "--window-convention", help="Override the checkpoint's sliding-window "
                                                                            "convention: hf or megatron."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help="Run the HF side with the folder's own "
-                                                                              "modeling_step3p5.py, layer by layer and "
-                                                                              "strictly (StepFun's runs on transformers "
-                                                                              "4.57.1, not 5.x: docs/VERIFY.md)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code", help=(
+        "Run the HF side with the folder's own modeling_step3p5.py, layer by layer and strictly (StepFun's runs on "
+        "transformers 4.57.1, not 5.x: docs/VERIFY.md).")),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Also write the full report (per-layer table "
                                                                   "included) as JSON here."),
     tp: Optional[int] = typer.Option(None, "--tp", help="Run the Megatron side at this TP [default: the checkpoint's]."),

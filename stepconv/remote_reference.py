@@ -99,6 +99,7 @@ class RemoteReference:
             raise StepconvError(f"{self.hf_dir}/config.json: --trust-remote-code needs auto_map to name AutoConfig and "
                                 f"AutoModelForCausalLM as file.Class (e.g. modeling_step3p5.Step3p5ForCausalLM); "
                                 f"it has {auto or 'no auto_map'}")
+        self.model_file = refs["AutoModelForCausalLM"].split(".")[0] + ".py"
         self.files = sorted({v.split(".")[0] + ".py" for v in refs.values()})
         absent = [f for f in self.files if not (self.hf_dir / f).is_file()]
         if absent:
@@ -119,7 +120,7 @@ class RemoteReference:
                 top = model_cls(top_cfg)
         self._top, self._layers_path, self._layer_cls = self._take_apart(top, model_cls)
         self._check_names()
-        self.description = (f"{self.hf_dir.name}/{self.files[-1]} ({self._layer_cls.__name__}) on transformers "
+        self.description = (f"{self.hf_dir.name}/{self.model_file} ({self._layer_cls.__name__}) on transformers "
                             f"{self.version}" + (f"; MTP not modelled by the file: its decoder layer at index "
                                                  f"{cfg.num_layers}+k inside stepconv's enorm/hnorm/eh_proj/"
                                                  f"shared_head wiring" if cfg.num_mtp else ""))
@@ -152,8 +153,8 @@ class RemoteReference:
         module = sys.modules[model_cls.__module__]
         classes = [c for c in (getattr(module, n, None) for n in split) if isinstance(c, type)]
         if not (len(embed) == len(head) == len(norm) == len(lists) == len(classes) == 1):
-            raise StepconvError(f"{self.hf_dir}/{self.files[-1]}: expected {model_cls.__name__} to hold one embedding, "
-                                f"one final norm, one output Linear, one list of decoder layers and to name their "
+            raise StepconvError(f"{self.hf_dir}/{self.model_file}: expected {model_cls.__name__} to hold one "
+                                f"embedding, one final norm, one output Linear, one list of decoder layers and to name their "
                                 f"class in _no_split_modules; found embeddings {embed}, Linears {head}, other "
                                 f"parameter owners {norm}, layer lists {lists}, _no_split_modules {split}")
         return {"embed": (embed[0], owners[embed[0]]), "norm": (norm[0], owners[norm[0]]),
@@ -244,18 +245,18 @@ class RemoteReference:
         layer = self._fill(self._build(i), self._prefix(i))
         post = getattr(layer, "post_attention_layernorm", None)
         if post is None:
-            raise StepconvError(f"{self.hf_dir}/{self.files[-1]}: decoder layer {i} has no post_attention_layernorm; "
+            raise StepconvError(f"{self.hf_dir}/{self.model_file}: decoder layer {i} has no post_attention_layernorm; "
                                 "verify reads the MLP's input there")
         seen: dict = {}
         hooks = [post.register_forward_hook(lambda _m, args, out: seen.update(mid=args[0], x=out))]
         moe = next((m for m in layer.modules() if hasattr(m, "get_expert_output")), None)
         if moe is None and self.config.is_moe(i):
-            raise StepconvError(f"{self.hf_dir}/{self.files[-1]}: layer {i} is an MoE layer, but the file's layer has "
+            raise StepconvError(f"{self.hf_dir}/{self.model_file}: layer {i} is an MoE layer, but the file's layer has "
                                 "no block with get_expert_output; verify runs each selected expert through it")
         if moe is not None:
             route = getattr(moe, "custom_routing_function", None)
             if not callable(route):
-                raise StepconvError(f"{self.hf_dir}/{self.files[-1]}: layer {i}'s MoE block routes without "
+                raise StepconvError(f"{self.hf_dir}/{self.model_file}: layer {i}'s MoE block routes without "
                                     "custom_routing_function; verify observes the selection through it")
 
             def observe(logits, top_k, **kw):
