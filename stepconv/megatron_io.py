@@ -58,14 +58,14 @@ def rank_dir_name(tp_rank: int, pp_rank: int, ep_rank: int, pp_size: int, ep_siz
 
 
 # --- writing ---------------------------------------------------------------------------------
-@dataclass
+@dataclass(slots=True)
 class _StorageRef:
     key: str
     dtype: torch.dtype
     numel: int
 
 
-@dataclass
+@dataclass(slots=True)
 class _TensorRef:
     storage: _StorageRef
     shape: tuple[int, ...]
@@ -120,45 +120,54 @@ class RankFileWriter:
         self.tensors = 0
         self._signature: list = []  # (key, dtype, shape) per entry: what data.pkl depends on besides args
         self._slots: dict[str, int] = {}  # record -> data offset, for records whose bytes we placed ourselves
+        self._nkeys = 0
 
     @property
     def keys(self) -> int:
-        return sum(len(m) for m in self.models.values())
+        return self._nkeys
 
     def add(self, key: str, tensor: torch.Tensor | None, model: str = "model") -> None:
-        sd = self.models.setdefault(model, OrderedDict())
+        # (the per-record hot path: ~25k expert records a rank file at the real tensor count, so every Python call
+        # here shows at small widths: 2.5 KB records, 2-core machine, 49 -> 32 us a tensor, 97 -> 53 us FileRows.
+        # File to file stays the faster way down to such records: reading them into memory instead cost 141 us)
+        sd = self.models.get(model)
+        if sd is None:
+            sd = self.models[model] = OrderedDict()
         if key in sd:
             raise StepconvError(f"internal: {model}.{key} written twice to {self.path}")
+        name = str(self._nkeys)  # records are numbered by key, `_extra_state` entries included
+        self._nkeys += 1
         if tensor is None:  # megatron's `_extra_state` entries
             sd[key] = None
             self._signature.append((model, key))
             return
         numel, dtype, shape = tensor.numel(), tensor.dtype, tuple(tensor.shape)
         nbytes = numel * dtype.itemsize
-        ref = _StorageRef(str(self.keys), dtype, numel)
         if tensor.is_meta:  # dry run: torch lays out the record and skips its bytes (a sparse file)
-            self._zip.write_record_metadata(f"data/{ref.key}", nbytes)
-        elif isinstance(tensor, FileRows) and nbytes:
+            self._zip.write_record_metadata("data/" + name, nbytes)
+        elif type(tensor) is FileRows and nbytes:
             # torch lays out the record and seeks past its bytes (GuardedFile.seek); they are copied in from the
             # source file at that offset (pwrite / copy_file_range do not move the file position)
-            self._zip.write_record_metadata(f"data/{ref.key}", nbytes)
+            self._zip.write_record_metadata("data/" + name, nbytes)
             self._file.check()
             start = self._file.slot  # (torch has written the record's data descriptor after it by now)
             with named_os_errors(self.path):
                 tensor.write_to(self._file.f.fileno(), start)
-            self._slots[f"data/{ref.key}"] = start
+            self._slots["data/" + name] = start
         else:
-            if isinstance(tensor, FileRows):
+            if type(tensor) is FileRows:
                 tensor = tensor.materialise()
-            t = buffers.contiguous(tensor.detach())
-            # the record holds exactly this tensor's bytes: a storage view of its own range, no copy
-            off = t.storage_offset() * t.element_size()
-            data = t.untyped_storage()[off:off + nbytes] if nbytes else b""
-            self._zip.write_record(f"data/{ref.key}", data, nbytes)
+            t = buffers.contiguous(tensor)
+            # the record holds exactly this tensor's bytes: its storage, or a view of its own range (no copy)
+            st = t.untyped_storage()
+            if nbytes and (t.storage_offset() or st.nbytes() != nbytes):
+                off = t.storage_offset() * t.element_size()
+                st = st[off:off + nbytes]
+            self._zip.write_record("data/" + name, st if nbytes else b"", nbytes)
         self._file.check()
         self.bytes_written += nbytes
         self.tensors += 1
-        sd[key] = _TensorRef(ref, shape)
+        sd[key] = _TensorRef(_StorageRef(name, dtype, numel), shape)
         self._signature.append((model, key, dtype, shape))
 
     def finish(self, args: argparse.Namespace, iteration: int = 0, pickles: dict | None = None) -> None:
