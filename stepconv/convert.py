@@ -595,8 +595,10 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
 
     with staging(out, opts.overwrite) as tmp:
         writer = HFWriter(tmp, pl.infos, max_bytes)
+        itemsize = {i.name: i.dtype.itemsize for i in pl.infos}  # progress: HF bytes written (the total set above)
         execute(units, reader, writer, pl.step, workers=workers.workers, progress=progress,
-                largest_bytes=workers.largest_bytes)
+                largest_bytes=workers.largest_bytes,
+                measure=lambda e, srcs, pairs: sum(t.numel() * itemsize[n] for n, t in pairs))
         summary.bytes_read = reader.bytes_read
         summary.notes += export_notes(pl) + narrowing_note(pl)
         incomplete = writer.finish()

@@ -123,3 +123,17 @@ def test_compare_finds_one_byte_in_any_piece(fixture_dir, tmp_path, monkeypatch,
     path.write_bytes(bytes(data))
     c = compare.compare_hf(fixture_dir, tmp_path / "b", jobs=3)
     assert c.differ == [f"{name} (bytes differ)"] and not c.identical
+
+
+def test_progress_counts_each_byte_once(fixture_dir, tmp_path):
+    """hf-to-mcore at TP=2 x EP=2 reads the non-expert tensors once per EP rank (it showed 142.6%), mcore-to-hf
+    merges replicated shards and vocab padding: both end at exactly the total they announce."""
+    total = sum(t.nbytes for t in HFCheckpoint(fixture_dir).tensors.values())
+    got = {"in": 0, "out": 0, "out_total": None}
+    hf_to_mcore(fixture_dir, tmp_path / "m", tp=2, ep=2, progress=lambda n, what: got.__setitem__("in", got["in"] + n))
+
+    def out(n, what):
+        got["out"] += n
+    out.set_total = lambda n: got.__setitem__("out_total", n)
+    mcore_to_hf(tmp_path / "m", tmp_path / "back", progress=out)
+    assert got["in"] == total and got["out"] == got["out_total"] == total
