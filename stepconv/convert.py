@@ -270,11 +270,11 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         raise StepconvError(problems[0])
     out = Path(out_dir) if out_dir else ckpt.path.with_name(ckpt.path.name + "-mcore")
     _check_distinct(ckpt.path, out)
-    # file_rows (legacy rank files; torch_dist's writer takes tensors): sources that only move stay in their files,
-    # copied into the rank files by copy_file_range. Its peak RSS once grew with depth in tests/test_streaming.py
+    # file_rows: sources that only move stay in their files, copied into the rank files (or the .distcp chunks)
+    # by copy_file_range. Its peak RSS once grew with depth in tests/test_streaming.py
     # (4 -> 16 layers, TP=2 x EP=2): not per-record state but the read-ahead window, which a 4-layer unit never
     # filled; HFReader.read_ahead_bytes says what changed
-    reader = HFReader(pl.source_dtypes, ckpt, file_rows=opts.format == "torch")
+    reader = HFReader(pl.source_dtypes, ckpt, file_rows=True)
     summary = Summary("hf-to-mcore", ckpt.path, out, pl.layout, opts.spec, opts.format)
     fingerprint = _fingerprint(ckpt, **layout_options(opts.layout), spec=opts.spec, dtype=opts.dtype,
                                window=opts.window_convention, version=__version__)

@@ -156,6 +156,11 @@ class FileRows:
         step = self.shape[0] // n
         return [self[i * step:(i + 1) * step] for i in range(n)]
 
+    def unsqueeze(self, dim: int) -> "FileRows":
+        if dim != 0:
+            raise ValueError("FileRows.unsqueeze: dim 0 only")
+        return FileRows((1, *self.shape), self.dtype, self.pieces)
+
     def new_zeros(self, *shape) -> torch.Tensor:
         return torch.zeros(*shape, dtype=self.dtype)
 
