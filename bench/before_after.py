@@ -43,7 +43,11 @@ def _run(code: str, args: list[str], inp: Path, out: Path | None, log: Path) -> 
     return r
 
 
-def case(label: str, scale: int, work: Path, imports, **kw) -> list[dict]:
+def _log(work: Path, *parts: str) -> Path:
+    return work / ("-".join(parts).replace(" ", "_").replace("/", "-") + ".log")
+
+
+def case(label: str, scale: int, work: Path, imports, quick: bool = False, **kw) -> list[dict]:
     src, m = work / "hf", work / "m"
     facts = rb.make_synthetic(src, scale, **kw)
     print(f"{label}: {facts['bytes'] / 1e9:.2f} GB, {facts['tensors']} tensors, generated in {facts['seconds']} s",
@@ -65,22 +69,25 @@ def case(label: str, scale: int, work: Path, imports, **kw) -> list[dict]:
         for who, code in (("before", BEFORE), ("after", NEW)):
             out = m / ("kept" if (name, who) == ("TP=2", "after") else "out")  # (kept: mcore-to-hf's input)
             r = _run(code, ["hf-to-mcore", "--quiet", *args, str(src), "-o", str(out)], src, out,
-                     work / f"{label}-{name}-{who}.log".replace(" ", "_").replace("/", "-"))
+                     _log(work, label, name, who))
             add(f"hf-to-mcore {name} ({who})", r, cp)
             shutil.rmtree(m / "out", ignore_errors=True)
     shutil.rmtree(src)
     back = work / "back"
-    for who, code in (("before", BEFORE), ("after", NEW)):
+    for who, code in (("before", BEFORE), ("after", NEW))[int(quick):]:
         r = _run(code, ["mcore-to-hf", "--quiet", str(m / "kept"), "-o", str(back / who)], m / "kept", back / who,
-                 work / f"{label}-export-{who}.log".replace(" ", "_").replace("/", "-"))
+                 _log(work, label, "export", who))
         add(f"mcore-to-hf of TP=2 ({who})", r, cp)
         if who == "before":
             shutil.rmtree(back / who)
     shutil.rmtree(m)
+    if quick:
+        shutil.rmtree(back)
+        return rows
     cp2 = rb.measure(["cp", "-r", str(back / "after"), str(work / "cp2")], [back / "after"])
     cp2["input_bytes"] = rb.du(back / "after")
     add("cp -r HF (of the export)", cp2, None)
-    r = _run(NEW, ["compare", str(back / "after"), str(work / "cp2")], back / "after", None, work / f"{label}-cmp.log")
+    r = _run(NEW, ["compare", str(back / "after"), str(work / "cp2")], back / "after", None, _log(work, label, "cmp"))
     r["input_bytes"] = cp2["input_bytes"]
     add("compare (after)", r, cp2)
     shutil.rmtree(back)
@@ -131,6 +138,7 @@ def main() -> int:
     ap.add_argument("--imports", default="TP=2,torch_dist,TP=2 x EP=2",
                     help=f"comma-separated, of: {', '.join(n for n, _ in IMPORTS)}")
     ap.add_argument("--out", default=str(HERE / "out" / "before-after"))
+    ap.add_argument("--quick", action="store_true", help="mcore-to-hf with the new code only; no compare")
     a = ap.parse_args()
     BEFORE = str(Path(a.before).resolve())
     work = Path(a.out)
@@ -143,7 +151,7 @@ def main() -> int:
         [(f"1/{s} scale", s, {}, False) for s in a.scale]
     results = {}
     for label, scale, kw, distinct in cases:
-        rows = case(label, scale, work, imports, distinct=distinct, **kw)
+        rows = case(label, scale, work, imports, a.quick, distinct=distinct, **kw)
         results[label] = rows
         text += "\n" + markdown(label, rows, mach)
         (work / "before-after.md").write_text(text)
