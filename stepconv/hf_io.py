@@ -25,7 +25,8 @@ import torch
 from . import buffers
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
 from .engine import READ_AHEAD_BYTES
-from .safety import named_os_errors, parse_json, read_json, regular_file, validate_safetensors_header
+from .safety import (WRITEBACK_BYTES, named_os_errors, parse_json, read_json, regular_file, start_writeback,
+                     validate_safetensors_header)
 
 DTYPE_SIZES = {name: dt.itemsize for name, dt in SAFETENSORS_DTYPES.items()}
 
@@ -357,7 +358,7 @@ class SafetensorsWriter:
         self.offsets = offsets
         self.written: dict[str, int] = {t.name: 0 for t in tensors}
         self._lock = threading.Lock()
-        self.bytes_written = len(head)
+        self.bytes_written = self._written_back = len(head)
         if not dry:
             self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
             with named_os_errors(path):
@@ -386,6 +387,11 @@ class SafetensorsWriter:
         with self._lock:  # chunks of one file may come from several threads
             self.written[name] += n
             self.bytes_written += n
+            kick = not self.dry and self.bytes_written - self._written_back >= WRITEBACK_BYTES
+            if kick:
+                self._written_back = self.bytes_written
+        if kick:  # (chunks land anywhere in the file: the whole file's dirty pages)
+            start_writeback(self.fd)
 
     def close(self) -> list[str]:
         """Close and return the names whose byte count is not exactly their size (empty when complete)."""

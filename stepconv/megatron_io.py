@@ -165,6 +165,7 @@ class RankFileWriter:
                 st = st[off:off + nbytes]
             self._zip.write_record("data/" + name, st if nbytes else b"", nbytes)
         self._file.check()
+        self._file.writeback()
         self.bytes_written += nbytes
         self.tensors += 1
         sd[key] = _TensorRef(_StorageRef(name, dtype, numel), shape)

@@ -9,11 +9,13 @@ writes through it, so a full disk is a Python error, not an abort), `fsync_dir`,
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import json
 import math
 import os
 import stat
+import sys
 import threading
 import zipfile
 import zlib
@@ -160,6 +162,25 @@ def check_zip_sizes(path: Path, size: int, data=None) -> None:
 
 
 # --- writing ----------------------------------------------------------------------------------------------
+WRITEBACK_BYTES = 64 << 20  # written between two starts of writeback (`start_writeback`)
+_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int, offset: int = 0, nbytes: int = 0) -> None:
+    """Have the kernel start writing `fd`'s dirty pages in [offset, offset + nbytes) (0: to the end) to the disk now,
+    without waiting (sync_file_range SYNC_FILE_RANGE_WRITE; a hint: errors are ignored, fsync still decides).
+
+    Why: every output file is fsynced before it is published, and left alone the kernel writes a file's pages back
+    only when told or much later, so the whole writeback came at the end of a run, after the work (the 16-core host:
+    11.85 GB took 6.3 s to write back after cp too); started as the bytes are produced, it overlaps the work."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)
+
+
 class GuardedFile:
     """The file torch's zip writer writes a rank file through.
 
@@ -173,6 +194,7 @@ class GuardedFile:
         self.path = path
         self.f = open(path, "wb", buffering=1 << 20)
         self.error: OSError | None = None
+        self._written_back = 0  # where the last `writeback` started
 
     def write(self, b) -> int:
         n = memoryview(b).nbytes
@@ -193,6 +215,15 @@ class GuardedFile:
 
     def tell(self) -> int:
         return self.f.tell()
+
+    def writeback(self) -> None:
+        """Every WRITEBACK_BYTES of file: start writing the bytes before them to the disk (`start_writeback`; from
+        1 MiB before the last start, as that much may have still been in the buffer then)."""
+        pos = self.f.tell()
+        if pos - self._written_back >= WRITEBACK_BYTES and self.error is None:
+            start = max(0, self._written_back - (1 << 20))
+            start_writeback(self.f.fileno(), start, pos - start)
+            self._written_back = pos
 
     def flush(self) -> None:  # (torch.save flushes a file-like when done; close() flushes for real)
         pass

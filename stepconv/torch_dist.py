@@ -257,6 +257,9 @@ class _Counter(io.RawIOBase):
     def tell(self) -> int:
         return self.pos
 
+    def writeback(self) -> None:
+        pass
+
 
 class _Sink:
     """One `.distcp` file: chunks appended as `torch.save` blobs. Dry (no path): torch's own writer lays each blob
@@ -288,6 +291,7 @@ class _Sink:
             self.f.seek(chunk.numel() * chunk.element_size(), os.SEEK_CUR)
             self.f.write(tail)
             self.f.check()
+            self.f.writeback()
         else:  # another torch, whose blob could not be laid out ahead
             if isinstance(chunk, FileRows):
                 chunk = chunk.materialise()
