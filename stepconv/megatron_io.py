@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy
 import torch
 
 from . import buffers
@@ -157,103 +158,120 @@ class _TorchRecords:
 
 class _OwnRecords:
     """A rank file's records laid out by `torch_zip.ZipLayout`, torch's layout byte for byte, with no call into torch
-    per record. Heads, tails and small records' bytes gather in one buffer, written with pwrite when it is full;
-    small `FileRows` are read into it (pread), large ones go file to file (copy_file_range) and large tensors
-    straight from their memory. (torch's writer laid out each record through Python file callbacks: ~26 us a record
-    plus ~10 us for each copy_file_range of a ~2.5 KB piece at 1/64 of the real widths, 42% of the run.)"""
+    per record. Heads, tails and small records' bytes gather in one reused buffer, written with pwrite when it is
+    full: small `FileRows` are read straight into it (preadv), small tensors copied into it once; larger ones go
+    file to file (copy_file_range) or from their own memory (pwrite). (torch's writer laid out each record through
+    Python file callbacks.)"""
 
-    BUFFER = 1 << 20  # gathered bytes written at once; records at least this large bypass the buffer
-    # FileRows smaller than this are read into the buffer, larger ones go file to file. (Measured per record, fsync
-    # included, 2-core machine: pread 43 / 146 / 654 us vs copy_file_range 65 / 222 / 928 us for 2.5 / 40 / 256 KB)
-    READ_ROWS = 1 << 20
-    __slots__ = ("path", "fd", "zip", "buf", "at", "_written_back")
+    # gathered bytes written at once; records at least this large bypass the buffer. (The buffer is allocated once:
+    # fresh pages fault on first touch, which is slow on these virtual machines.) FileRows below it are read into it:
+    # per record, fsync included, 2-core machine: pread 43 / 146 / 654 us vs copy_file_range 65 / 222 / 928 us for
+    # 2.5 / 40 / 256 KB
+    BUFFER = 1 << 20
+    __slots__ = ("path", "fd", "zip", "buf", "view", "n", "at", "_addr", "_written_back")
 
     def __init__(self, path: Path, tmp: Path):
         self.path = path
         with named_os_errors(tmp):
             self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         self.zip = ZipLayout()
-        self.buf = bytearray()
+        self.buf = bytearray(self.BUFFER)
+        self.view = memoryview(self.buf)
+        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        self.n = 0  # bytes gathered in buf
         self.at = 0  # file offset of buf[0]
         self._written_back = 0
 
-    def _flush(self, skip_to: int) -> None:
-        """Write the buffer; what comes next goes at `skip_to` (past a record placed or skipped by other means)."""
-        if self.buf:
+    def _flush(self) -> None:
+        n, pos = self.n, 0
+        with named_os_errors(self.path):
+            while pos < n:
+                pos += os.pwrite(self.fd, self.view[pos:n], self.at + pos)
+        self.at += n
+        self.n = 0
+
+    def _room(self, m: int) -> int:
+        """Where `m` (<= BUFFER) bytes go in the buffer, flushed first if they do not fit."""
+        if self.n + m > self.BUFFER:
+            self._flush()
+        return self.n
+
+    def _put(self, b: bytes) -> None:
+        if len(b) > self.BUFFER:
+            self._flush()
             with named_os_errors(self.path):
-                view, pos = memoryview(self.buf), 0
-                while pos < len(view):
+                view, pos = memoryview(b), 0
+                while pos < len(b):
                     pos += os.pwrite(self.fd, view[pos:], self.at + pos)
-            self.buf = bytearray()
-        self.at = skip_to
-        if skip_to - self._written_back >= WRITEBACK_BYTES:
-            start = max(0, self._written_back - (1 << 20))
-            start_writeback(self.fd, start, skip_to - start)
-            self._written_back = skip_to
+            self.at += len(b)
+            return
+        at = self._room(len(b))
+        self.view[at:at + len(b)] = b
+        self.n = at + len(b)
 
     def record(self, name: str, tensor, nbytes: int) -> None:
         head, tail = self.zip.record(name, nbytes)
-        buf = self.buf
-        buf += head
+        self._put(head)
         if not nbytes:
             pass
         elif tensor.is_meta:  # dry run: the record's bytes are a hole (a sparse file)
-            self._flush(self.at + len(buf) + nbytes)
-        elif type(tensor) is FileRows:
-            if nbytes < self.READ_ROWS:  # (pread into the buffer: one call, vs pwrite + copy_file_range of 2.5 KB)
-                with named_os_errors(self.path):
-                    for p in tensor.pieces:
-                        buf += _pread_all(*p) if type(p) is tuple else _tensor_bytes(p)
-            else:
-                start = self.at + len(buf)
-                self._flush(start + nbytes)
-                with named_os_errors(self.path):
-                    tensor.write_to(self.fd, start)
-        elif nbytes < self.BUFFER:
-            buf += _tensor_bytes(tensor)
-        else:
-            start = self.at + len(buf)
-            self._flush(start + nbytes)
+            self._flush()
+            self.at += nbytes
+        elif nbytes < self.BUFFER and type(tensor) is FileRows:
+            at = self._room(nbytes)
             with named_os_errors(self.path):
-                pwrite_all(self.fd, tensor, start)
-        self.buf += tail
-        if len(self.buf) >= self.BUFFER:
-            self._flush(self.at + len(self.buf))
+                for p in tensor.pieces:
+                    if type(p) is tuple:
+                        src, off, m = p
+                        got = 0
+                        while got < m:
+                            k = os.preadv(src, [self.view[at + got:at + m]], off + got)
+                            if k <= 0:
+                                raise StepconvError(f"source file truncated while copying at byte {off + got}")
+                            got += k
+                    else:
+                        m = p.numel() * p.element_size()
+                        self._copy_in(p, at, m)
+                    at += m
+            self.n = at
+        elif nbytes < self.BUFFER:
+            at = self._room(nbytes)
+            self._copy_in(tensor, at, nbytes)
+            self.n = at + nbytes
+        else:
+            self._flush()
+            with named_os_errors(self.path):
+                tensor.write_to(self.fd, self.at) if type(tensor) is FileRows else pwrite_all(self.fd, tensor, self.at)
+            self.at += nbytes
+        self._put(tail)
+        if self.at - self._written_back >= WRITEBACK_BYTES:  # (everything before `at` is written by now)
+            start = max(0, self._written_back - (1 << 20))
+            start_writeback(self.fd, start, self.at - start)
+            self._written_back = self.at
+
+    def _copy_in(self, t: torch.Tensor, at: int, nbytes: int) -> None:
+        """A small tensor's bytes into the buffer at `at`: one memmove, or for a strided view one gather."""
+        same = None if t.is_contiguous() else _SAME_SIZE_INT.get(t.element_size())
+        if same is None:
+            t = buffers.contiguous(t)
+            ctypes.memmove(self._addr + at, t.data_ptr(), nbytes)
+        else:
+            arr = t.view(same).numpy()  # (numpy gathers it: fewer calls than torch's copy_ into a view of the buffer)
+            numpy.frombuffer(self.buf, dtype=arr.dtype, count=arr.size, offset=at).reshape(arr.shape)[...] = arr
 
     def small(self, name: str, data: bytes) -> None:
         head, tail = self.zip.record(name, len(data))
-        self.buf += head + data + tail
+        for b in (head, data, tail):
+            self._put(b)
 
     def close(self, tmp: Path) -> None:
-        self.buf += self.zip.end()
         try:
-            self._flush(self.at + len(self.buf))
+            self._put(self.zip.end())
+            self._flush()
             with named_os_errors(self.path):
                 os.fsync(self.fd)  # (a rank file under its final name is on the disk)
         finally:
             os.close(self.fd)
-
-
-def _pread_all(fd: int, offset: int, n: int) -> bytes:
-    data = os.pread(fd, n, offset)
-    while len(data) < n:
-        more = os.pread(fd, n - len(data), offset + len(data))
-        if not more:
-            raise StepconvError(f"source file truncated while copying at byte {offset + len(data)}")
-        data += more
-    return data
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    """A small tensor's bytes (one copy through ctypes: ~4x fewer torch calls than a uint8 view through numpy, which
-    was 6% of a 1/64-scale conversion)."""
-    if t.is_contiguous():
-        return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
-    same = _SAME_SIZE_INT.get(t.element_size())  # (a strided view: numpy gathers it, 7 vs 12 us a copy into a buffer)
-    if same is None or t.is_meta:
-        t = buffers.contiguous(t)
-        return ctypes.string_at(t.data_ptr(), t.numel() * t.element_size())
-    return t.view(same).numpy().tobytes()
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
