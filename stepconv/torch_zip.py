@@ -2,9 +2,9 @@
 around each record, computed in Python without a call into torch per record.
 
 torch's writer lays out each record through Python file callbacks (local header, name, padding, data descriptor:
-several `write`/`seek` calls a record). At 1/64 of the real widths a TP=2 conversion writes 49k records of ~2.5 KB, and
-that layout was 42% of the run (py-spy, 2-core machine). Here a record's head and tail are a few `struct.pack`s, and the
-caller writes them with the record's bytes in one buffer (see `megatron_io.RankFileWriter`).
+several `write`/`seek` calls a record); at 1/64 of the real widths a TP=2 conversion writes 49k records of ~2.5 KB.
+Here a record's head and tail are a few `struct.pack`s, and the caller writes them with the record's bytes through one
+buffer (`megatron_io._OwnRecords`): 31-66 -> 13-25 us a record on the 2-core machine (docs/BENCHMARKS.md).
 
 The layout, as torch 2.13 writes it with `compute_crc32=False` (checked byte for byte against torch's writer, by
 `layout_matches_torch` once per process and by tests/test_torch_zip.py, >4 GiB offsets included):
