@@ -272,6 +272,11 @@ class _OwnRecords:
                 os.fsync(self.fd)  # (a rank file under its final name is on the disk)
         finally:
             os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self):  # (a writer abandoned by a failed or interrupted unit does not keep its file open)
+        if getattr(self, "fd", -1) >= 0:
+            os.close(self.fd)
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
