@@ -11,8 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .config import StepconvError
-from .hf_io import HFCheckpoint
+from .hf_io import HFCheckpoint, pread_into
 
 CHUNK_BYTES = 16 << 20  # compared per task; each thread reuses one buffer pair of this size
 _libc = ctypes.CDLL(ctypes.util.find_library("c"))  # (CDLL calls release the GIL)
@@ -69,12 +68,7 @@ def compare_hf(a: str | os.PathLike, b: str | os.PathLike, *, jobs: int | None =
             local.bufs = (torch.empty(CHUNK_BYTES, dtype=torch.uint8), torch.empty(CHUNK_BYTES, dtype=torch.uint8))
         xs = []
         for (fd, off, n), buf in zip((ra, rb), local.bufs):
-            view, pos = memoryview(buf.numpy())[:n], 0
-            while pos < n:
-                got = os.preadv(fd, [view[pos:]], off + pos)
-                if got <= 0:
-                    raise StepconvError(f"{name}: file truncated while reading")
-                pos += got
+            pread_into(fd, memoryview(buf.numpy())[:n], off, name)
             xs.append(buf[:n])
         return _memcmp(xs[0].data_ptr(), xs[1].data_ptr(), n) == 0
 

@@ -67,15 +67,28 @@ def read_safetensors_header(path: Path) -> dict:
     return header
 
 
+def pread_into(fd: int, view: memoryview, offset: int, what: str) -> None:
+    """Fill `view` (bytes) with `fd`'s bytes at `offset` (preadv may return fewer than asked)."""
+    pos, n = 0, view.nbytes
+    while pos < n:
+        got = os.preadv(fd, [view[pos:]], offset + pos)
+        if got <= 0:
+            raise StepconvError(f"{what}: truncated while reading at byte {offset + pos}")
+        pos += got
+
+
+def pwrite_view(fd: int, view: memoryview, offset: int) -> int:
+    """Write all of `view` (bytes) at `offset` of `fd` (pwrite may write less than asked); returns the count."""
+    pos, n = 0, view.nbytes
+    while pos < n:
+        pos += os.pwrite(fd, view[pos:], offset + pos)
+    return n
+
+
 def pread_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, what: str) -> torch.Tensor:
     """`nbytes` at `offset` into a new tensor (uninitialised buffer, filled by preadv; no zero-fill)."""
     buf = buffers.empty((nbytes,), torch.uint8)
-    view, pos = memoryview(buf.numpy()), 0
-    while pos < nbytes:
-        got = os.preadv(fd, [view[pos:]], offset + pos)
-        if got <= 0:
-            raise StepconvError(f"{what}: truncated while reading")
-        pos += got
+    pread_into(fd, memoryview(buf.numpy()), offset, what)
     return buf.view(dtype)
 
 
@@ -171,12 +184,7 @@ class FileRows:
         pos = 0
         for p in self.pieces:
             if isinstance(p, tuple):
-                view, done = memoryview(out[pos:pos + p[2]].numpy()), 0
-                while done < p[2]:
-                    got = os.preadv(p[0], [view[done:]], p[1] + done)
-                    if got <= 0:
-                        raise StepconvError(f"source file truncated while reading at byte {p[1] + done}")
-                    done += got
+                pread_into(p[0], memoryview(out[pos:pos + p[2]].numpy()), p[1], "source file")
                 pos += p[2]
             else:
                 n = p.numel() * p.element_size()
@@ -215,11 +223,7 @@ def pwrite_all(fd: int, t: torch.Tensor, offset: int) -> int:
     n = t.numel() * t.element_size()
     if not n:
         return 0
-    data = memoryview(buffers.contiguous(t).reshape(-1).view(torch.uint8).numpy())
-    pos = 0
-    while pos < n:  # pwrite may write less than asked (large chunks)
-        pos += os.pwrite(fd, data[pos:], offset + pos)
-    return n
+    return pwrite_view(fd, memoryview(buffers.contiguous(t).reshape(-1).view(torch.uint8).numpy()), offset)
 
 
 class LazyTensor:

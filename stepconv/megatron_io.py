@@ -33,7 +33,8 @@ from .config import StepconvError, names_text
 from .safety import (WRITEBACK_BYTES, GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file,
                      start_writeback)
 from .engine import FileStat, Unit, UnitResult
-from .hf_io import FileRows, SafetensorsWriter, TensorInfo, pwrite_all, read_safetensors_tensor
+from .hf_io import (FileRows, SafetensorsWriter, TensorInfo, pread_into, pwrite_all, pwrite_view,
+                    read_safetensors_tensor)
 from .mapping import Entry, Layout
 from .torch_zip import ZipLayout, layout_matches_torch
 
@@ -183,11 +184,8 @@ class _OwnRecords:
         self._written_back = 0
 
     def _flush(self) -> None:
-        n, pos = self.n, 0
         with named_os_errors(self.path):
-            while pos < n:
-                pos += os.pwrite(self.fd, self.view[pos:n], self.at + pos)
-        self.at += n
+            self.at += pwrite_view(self.fd, self.view[:self.n], self.at)
         self.n = 0
 
     def _room(self, m: int) -> int:
@@ -200,10 +198,7 @@ class _OwnRecords:
         if len(b) > self.BUFFER:
             self._flush()
             with named_os_errors(self.path):
-                view, pos = memoryview(b), 0
-                while pos < len(b):
-                    pos += os.pwrite(self.fd, view[pos:], self.at + pos)
-            self.at += len(b)
+                self.at += pwrite_view(self.fd, memoryview(b), self.at)
             return
         at = self._room(len(b))
         self.view[at:at + len(b)] = b
@@ -223,12 +218,7 @@ class _OwnRecords:
                 for p in tensor.pieces:
                     if type(p) is tuple:
                         src, off, m = p
-                        got = 0
-                        while got < m:
-                            k = os.preadv(src, [self.view[at + got:at + m]], off + got)
-                            if k <= 0:
-                                raise StepconvError(f"source file truncated while copying at byte {off + got}")
-                            got += k
+                        pread_into(src, self.view[at:at + m], off, "source file")
                     else:
                         m = p.numel() * p.element_size()
                         self._copy_in(p, at, m)
