@@ -23,6 +23,7 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
 import megatron_truth
+from test_fast_load import assert_loads_as_torch
 from conftest import bit_equal, load_hf, make_fixture
 from stepconv.convert import hf_to_mcore, mcore_to_hf
 from stepconv.megatron_io import RANK_FILE, TRACKER, load_rank_file, rank_dir_name
@@ -128,6 +129,7 @@ def test_megatron_truth_round_trips_legacy_files(tmp_path):
     it = megatron_truth.save_with_megatron(hf, legacy, tmp_path / "meg", tp, pp, ep, 5)
     assert it == tmp_path / "meg" / "iter_0000005"
     assert (tmp_path / "meg" / TRACKER).read_text().strip() == "5"
+    assert_loads_as_torch(it / "common.pt")  # megatron-core's own torch.save: fast_load gives torch.load's objects
     assert _stored(it) == _gated(megatron_truth.sharded_keys(hf, tp, pp, ep), cfg)
     assert _stored_dtypes(it) == {k: _expected_dtype(k) for k in _stored_dtypes(it)}
     _assert_loaded_is_legacy(megatron_truth.load_with_megatron(it, hf, tp, pp, ep), legacy, cfg, tp, pp, ep)
