@@ -142,7 +142,14 @@ def validate_safetensors_header(path: Path, header, data_size: int, dtype_sizes:
 def check_zip_sizes(path: Path, size: int, data=None) -> None:
     """Refuse a torch.save archive before torch reads it when a record is compressed or declares more bytes than
     the file holds: torch inflates a record into memory of its declared size (a 2 MB file can declare GBs).
-    `data`: the archive as a file object (a torch_dist chunk read into memory), else read from `path`."""
+    `data`: the archive as a file object (a torch_dist chunk read into memory), else read from `path`.
+    An archive laid out as torch's writer lays it out is checked from one read of its central directory
+    (`torch_zip.central_directory`); anything else, and any refusal, goes through `zipfile` as before."""
+    from .torch_zip import central_directory  # (torch_zip imports torch)
+
+    records = central_directory(path, size, data)
+    if records is not None and all(ofs + n <= size for _, ofs, n in records) and sum(n for *_, n in records) <= size:
+        return
     try:
         with zipfile.ZipFile(data if data is not None else path) as z:
             infos = z.infolist()

@@ -123,6 +123,77 @@ def _zip64_extra(size: int, ofs: int, local: bool = False) -> bytes:
         struct.pack("<Q", ofs) if big_ofs else b"")
 
 
+def central_directory(path, size: int, data=None) -> list[tuple[str, int, int]] | None:
+    """(name, local header offset, size) of every record of a zip laid out as torch's writer lays it out (one end
+    record without comment, zip64 end records where present, the central directory right before them, records
+    stored), read in one pass: ~25 ms for 24,675 records where `zipfile` takes ~320 ms. None for anything else (a
+    compressed record, sizes that differ, any field out of place): the caller then asks `zipfile`. `data`: the
+    archive as a file object, else read from `path`."""
+    def read(ofs: int, n: int) -> bytes:
+        if data is not None:
+            data.seek(ofs)
+            return data.read(n)
+        return os.pread(fd, n, ofs)
+
+    fd = os.open(path, os.O_RDONLY) if data is None else None
+    try:
+        if size < _END.size:
+            return None
+        sig, disk, cd_disk, n_disk, n, cd_size, cd_ofs, comment = _END.unpack(read(size - _END.size, _END.size))
+        if sig != 0x06054B50 or comment or disk or cd_disk or n_disk != n:
+            return None
+        end = locator = size - _END.size
+        if locator >= _LOCATOR.size + _END64.size:
+            locator -= _LOCATOR.size
+            lsig, ldisk, end64, ndisks = _LOCATOR.unpack(read(locator, _LOCATOR.size))
+            if lsig == 0x07064B50:
+                if end64 + _END64.size != locator or ldisk or ndisks != 1:
+                    return None
+                esig, _, _, _, edisk, ecd_disk, en_disk, n, cd_size, cd_ofs = _END64.unpack(read(end64, _END64.size))
+                if esig != 0x06064B50 or edisk or ecd_disk or en_disk != n:
+                    return None
+                end = end64
+        if cd_ofs + cd_size != end:
+            return None
+        cd = read(cd_ofs, cd_size)
+        if len(cd) != cd_size:
+            return None
+        out, pos = [], 0
+        for _ in range(n):
+            sig, _, _, flags, method, _, _, _, csize, usize, nlen, xlen, clen, _, _, _, ofs = _CENTRAL.unpack_from(cd, pos)
+            pos += _CENTRAL.size
+            if sig != 0x02014B50 or method or pos + nlen + xlen + clen > cd_size:
+                return None
+            name = cd[pos:pos + nlen].decode("utf-8" if flags & 0x800 else "cp437")
+            if U32 in (usize, csize, ofs):  # zip64 field: the values that did not fit, in this order
+                big = _zip64_values(cd[pos + nlen:pos + nlen + xlen])
+                usize, csize, ofs = (big.pop(0) if v == U32 else v for v in (usize, csize, ofs))
+            pos += nlen + xlen + clen
+            if csize != usize:
+                return None
+            out.append((name, ofs, usize))
+        return out if pos == cd_size else None
+    except (OSError, struct.error, UnicodeDecodeError, ValueError, IndexError):
+        return None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _zip64_values(extra: bytes) -> list[int]:
+    values = None
+    while extra:
+        tag, n = struct.unpack_from("<HH", extra)
+        if n + 4 > len(extra):
+            raise ValueError("corrupt extra field")
+        if tag == 1:
+            values = list(struct.unpack_from(f"<{n // 8}Q", extra, 4))
+        extra = extra[4 + n:]
+    if values is None:
+        raise ValueError("no zip64 field")
+    return values
+
+
 @lru_cache(maxsize=64)
 def serialization_id(records: tuple[tuple[str, bool], ...]) -> bytes:
     """torch's `.data/serialization_id` for these records (name, has data), computed by torch's own writer: only the

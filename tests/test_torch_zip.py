@@ -147,3 +147,39 @@ def test_rank_file_is_torch_writers_and_loads(tmp_path, monkeypatch):
             assert m[k] is None
         else:
             assert torch.equal(m[k], t.materialise() if isinstance(t, FileRows) else t), k
+
+
+@pytest.mark.parametrize("sizes", [[], [0], [100, 0, 7, 64], [3 * G, 2 * G, 5 * G, 10, 0], [U32 - 200, 5, 0],
+                                   [U32, 3]], ids=lambda s: f"{len(s)}-records")
+def test_central_directory_is_zipfiles_reading(tmp_path, sizes):
+    """`central_directory` (check_zip_sizes' one-pass read) lists what zipfile lists, past 4 GiB too (a sparse
+    file); a comment, a cut archive or bytes after it: None (zipfile then decides)."""
+    import zipfile
+
+    path = tmp_path / "a.pt"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT)
+    try:
+        for at, data in _our_layout(sizes):
+            os.pwrite(fd, data, at)
+    finally:
+        os.close(fd)
+    size = path.stat().st_size
+    want = [(i.filename, i.header_offset, i.file_size) for i in zipfile.ZipFile(path).infolist()]
+    assert torch_zip.central_directory(path, size) == want
+    assert torch_zip.central_directory(path, size, io.BytesIO(path.read_bytes()) if size < G else None) == want
+    if size < G:
+        raw = path.read_bytes()
+        for bad in (raw[:-1], raw + b"x", raw[:-2] + b"\x01\x00x"):
+            assert torch_zip.central_directory(None, len(bad), io.BytesIO(bad)) is None
+
+
+def test_central_directory_refuses_what_check_zip_sizes_must_see(tmp_path):
+    src = tmp_path / "s.pt"
+    torch.save({"w": torch.zeros(64)}, src)
+    assert torch_zip.central_directory(src, src.stat().st_size) is not None
+    deflated = tmp_path / "d.pt"
+    import zipfile
+    with zipfile.ZipFile(src) as a, zipfile.ZipFile(deflated, "w", zipfile.ZIP_DEFLATED) as b:
+        for info in a.infolist():
+            b.writestr(info.filename, a.read(info.filename))
+    assert torch_zip.central_directory(deflated, deflated.stat().st_size) is None
