@@ -1,10 +1,12 @@
 """A faster `torch.load(path, map_location="cpu", mmap=True, weights_only=True)` for the torch.save files stepconv
-reads (legacy rank files, `common.pt`), which accepts strictly less than weights_only does and otherwise gives up.
+reads (legacy rank files, `common.pt`; `load_bytes`: torch_dist chunks), which accepts strictly less than weights_only
+does and otherwise gives up.
 
 Why: weights_only's unpickler is a Python loop over every opcode, and its per-storage path (`load_tensor`,
 `detect_fake_mode`, TypedStorage wrappers) costs ~190 us a tensor: ~4.7 s for one 1/64-scale rank file of 24,675
-tensors on the 2-core machine, most of an export at small widths. Here the pickle runs on the C unpickler and a
-tensor costs ~15 us (docs/BENCHMARKS.md).
+tensors on the 2-core machine, most of an export at small widths. Here the pickle runs on the C unpickler: 1.1-1.7
+CPU-s for that file on the same (shared, loaded) machine, 45-70 us a tensor, ~20 us of it torch's own `empty`,
+`set_` and storage slice (docs/BENCHMARKS.md, "fast_load").
 
 `load(path)` returns what torch.load returns (same keys and values; every tensor with the same dtype, shape,
 stride, storage offset and bytes, its storage a slice of one `UntypedStorage.from_file` mapping of the whole file at
@@ -338,8 +340,8 @@ _PLAIN = (str, int, float, bool, type(None), bytes, torch.dtype)
 class _Build:
     """Stand-ins -> torch.load's objects (module docstring, point 3)."""
 
-    def __init__(self, mapping: torch.UntypedStorage):
-        self.mapping = mapping
+    def __init__(self, storage):
+        self.storage = storage  # (file offset, nbytes) -> the record's UntypedStorage
         self.done: dict[int, Any] = {}  # id(stand-in or container) -> result (sharing and cycles kept)
         self.storages: dict[str, torch.UntypedStorage] = {}
         self.keep: list = []  # what `done` refers to by id stays alive
@@ -407,7 +409,7 @@ class _Build:
         (key, dtype, nbytes, at), offset, size, stride, hooks = v
         st = self.storages.get(key)
         if st is None:
-            st = self.storages[key] = self.mapping[at:at + nbytes]
+            st = self.storages[key] = self.storage(at, nbytes)
         if hooks or hooks.state is not None:  # (filled after the call, through the memo)
             raise GiveUp("backward hooks")
         # as torch._utils._rebuild_tensor_v2 builds it: requires_grad False, _backward_hooks an empty OrderedDict
@@ -425,23 +427,44 @@ _BUSY = object()
 
 def load(path: Path) -> Any:
     """torch.load(path, map_location="cpu", mmap=True, weights_only=True)'s result, or GiveUp."""
-    if sys.byteorder != "little" or torch.serialization.get_default_load_endianness() not in (
-            None, torch.serialization.LoadEndianness.LITTLE) or str(path).endswith(".safetensors"):
-        raise GiveUp("byte order or file kind")
+    if str(path).endswith(".safetensors"):  # (torch.load hands those to safetensors)
+        raise GiveUp("a safetensors file")
     with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise GiveUp("not a zip archive")
+        head = f.read(4)
+    shared = torch.serialization.get_default_mmap_options() == torch.serialization.MAP_SHARED
+
+    def mapping():  # as torch.load(mmap=True) maps the file: whole, once; a record's storage is a slice of it
+        whole = torch.UntypedStorage.from_file(os.fspath(path), shared, os.path.getsize(path))
+        return lambda at, nbytes: whole[at:at + nbytes]
+    return _load(head, lambda: torch._C.PyTorchFileReader(str(path)), mapping)
+
+
+def load_bytes(blob: bytes) -> Any:
+    """torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)'s result (each storage its own copy of
+    the record's bytes, as torch's reader gives it), or GiveUp. (A torch_dist chunk: one tensor a blob.)"""
+    def copies():
+        return lambda at, nbytes: (torch.UntypedStorage.from_buffer(blob, dtype=torch.uint8, offset=at, count=nbytes)
+                                   if nbytes else torch.UntypedStorage(0))
+    return _load(blob[:4], lambda: torch._C.PyTorchFileReader(io.BytesIO(blob)), copies)
+
+
+def _load(head: bytes, open_reader, storages) -> Any:
+    if sys.byteorder != "little":
+        raise GiveUp("byte order")
+    if head != b"PK\x03\x04":  # (torch.load reads anything else as its legacy format)
+        raise GiveUp("not a zip archive")
     try:
-        reader = torch._C.PyTorchFileReader(str(path))
+        reader = open_reader()
         names = reader.get_all_records()
         if "data.pkl" not in names or "constants.pkl" in names:
             raise GiveUp("no data.pkl, or a TorchScript archive")
-        if "byteorder" in names and reader.get_record("byteorder") != b"little":
+        if ("byteorder" in names and reader.get_record("byteorder") != b"little") or (
+                "byteorder" not in names and torch.serialization.get_default_load_endianness() not in (
+                    None, torch.serialization.LoadEndianness.LITTLE)):  # (what torch.load then assumes)
             raise GiveUp("byte order")
         data, builds = _scan(reader.get_record("data.pkl"))
         obj = _Loader(data, reader, {n for n in names if n.startswith("data/")}).load()
-        shared = torch.serialization.get_default_mmap_options() == torch.serialization.MAP_SHARED
-        build = _Build(torch.UntypedStorage.from_file(os.fspath(path), shared, os.path.getsize(path)))
+        build = _Build(storages())
         result = build.value(obj)
         if build.builds != builds:  # a BUILD that reached no stand-in of ours (module docstring, point 2)
             raise GiveUp("BUILD on an object that is not ours")

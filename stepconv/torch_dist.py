@@ -34,7 +34,7 @@ import torch
 from torch.distributed.checkpoint import metadata as dcp_md
 from torch.distributed.checkpoint.filesystem import _StorageInfo
 
-from . import buffers
+from . import buffers, fast_load
 from .config import StepconvError, names_text
 from .engine import FileStat, ReaderBase, Unit, UnitResult
 from .hf_io import FileRows, TensorInfo, pwrite_all
@@ -544,7 +544,10 @@ class TorchDistReader(ReaderBase):
         blob = os.pread(fd, info.length, info.offset)
         check_zip_sizes(self.itdir / info.relative_path, len(blob), io.BytesIO(blob))
         try:
-            t = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+            try:  # (the same tensor as torch.load's, ~3x faster; anything unusual: torch.load, as before)
+                t = fast_load.load_bytes(blob)
+            except fast_load.GiveUp:
+                t = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
         except Exception as e:  # any failure to read a blob is a corrupt file, reported as one line
             raise StepconvError(f"{self.itdir / info.relative_path}: {key}: corrupt chunk at byte {info.offset} "
                                 f"({str(e).splitlines()[0]})") from None
