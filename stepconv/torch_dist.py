@@ -11,7 +11,8 @@ assembles an entry's TP=1 tensor from whatever chunks cover it (any saving layou
 gives the HF tensors.
 
 Safety: `.metadata` is a pickle; it is read by an unpickler that admits only torch.distributed.checkpoint's own
-metadata classes. Chunks are read with `torch.load(weights_only=True)`; `_extra_state` blobs are never unpickled.
+metadata classes. Chunks are read with `fast_load.load_bytes` (accepts less than weights_only) or else
+`torch.load(weights_only=True)`; `_extra_state` blobs are never unpickled.
 """
 
 from __future__ import annotations
