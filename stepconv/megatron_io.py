@@ -25,16 +25,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy
 import torch
 
 from . import buffers, fast_load
 from .config import StepconvError, names_text
-from .safety import (WRITEBACK_BYTES, GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file,
-                     start_writeback)
+from .safety import GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file
 from .engine import FileStat, Unit, UnitResult
-from .hf_io import (FileRows, SafetensorsWriter, TensorInfo, pread_into, pwrite_all, pwrite_view,
-                    read_safetensors_tensor)
+from .hf_io import FileRows, GatherFile, SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .mapping import Entry, Layout
 from .torch_zip import ZipLayout, layout_matches_torch
 
@@ -159,117 +156,33 @@ class _TorchRecords:
 
 class _OwnRecords:
     """A rank file's records laid out by `torch_zip.ZipLayout`, torch's layout byte for byte, with no call into torch
-    per record. Heads, tails and small records' bytes gather in one reused buffer, written with pwrite when it is
-    full: small `FileRows` are read straight into it (preadv), small tensors copied into it once; larger ones go
-    file to file (copy_file_range) or from their own memory (pwrite). (torch's writer laid out each record through
-    Python file callbacks.)"""
+    per record, written through a `GatherFile` (heads, tails and small records gathered in one reused buffer).
+    (torch's writer laid out each record through Python file callbacks.)"""
 
-    # gathered bytes written at once; records at least this large bypass the buffer. (The buffer is allocated once:
-    # fresh pages fault on first touch, which is slow on these virtual machines.) FileRows below it are read into it:
-    # per record, fsync included, 2-core machine: pread 43 / 146 / 654 us vs copy_file_range 65 / 222 / 928 us for
-    # 2.5 / 40 / 256 KB
-    BUFFER = 1 << 20
-    __slots__ = ("path", "fd", "zip", "buf", "view", "n", "at", "_addr", "_written_back")
+    __slots__ = ("zip", "out")
 
     def __init__(self, path: Path, tmp: Path):
-        self.path = path
-        with named_os_errors(tmp):
-            self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
         self.zip = ZipLayout()
-        self.buf = bytearray(self.BUFFER)
-        self.view = memoryview(self.buf)
-        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
-        self.n = 0  # bytes gathered in buf
-        self.at = 0  # file offset of buf[0]
-        self._written_back = 0
-
-    def _flush(self) -> None:
-        with named_os_errors(self.path):
-            self.at += pwrite_view(self.fd, self.view[:self.n], self.at)
-        self.n = 0
-
-    def _room(self, m: int) -> int:
-        """Where `m` (<= BUFFER) bytes go in the buffer, flushed first if they do not fit."""
-        if self.n + m > self.BUFFER:
-            self._flush()
-        return self.n
-
-    def _put(self, b: bytes) -> None:
-        if len(b) > self.BUFFER:
-            self._flush()
-            with named_os_errors(self.path):
-                self.at += pwrite_view(self.fd, memoryview(b), self.at)
-            return
-        at = self._room(len(b))
-        self.view[at:at + len(b)] = b
-        self.n = at + len(b)
+        self.out = GatherFile(tmp, path)
 
     def record(self, name: str, tensor, nbytes: int) -> None:
         head, tail = self.zip.record(name, nbytes)
-        self._put(head)
-        if not nbytes:
-            pass
-        elif tensor.is_meta:  # dry run: the record's bytes are a hole (a sparse file)
-            self._flush()
-            self.at += nbytes
-        elif nbytes < self.BUFFER and type(tensor) is FileRows:
-            at = self._room(nbytes)
-            with named_os_errors(self.path):
-                for p in tensor.pieces:
-                    if type(p) is tuple:
-                        src, off, m = p
-                        pread_into(src, self.view[at:at + m], off, "source file")
-                    else:
-                        m = p.numel() * p.element_size()
-                        self._copy_in(p, at, m)
-                    at += m
-            self.n = at
-        elif nbytes < self.BUFFER:
-            at = self._room(nbytes)
-            self._copy_in(tensor, at, nbytes)
-            self.n = at + nbytes
-        else:
-            self._flush()
-            with named_os_errors(self.path):
-                tensor.write_to(self.fd, self.at) if type(tensor) is FileRows else pwrite_all(self.fd, tensor, self.at)
-            self.at += nbytes
-        self._put(tail)
-        if self.at - self._written_back >= WRITEBACK_BYTES:  # (everything before `at` is written by now)
-            start = max(0, self._written_back - (1 << 20))
-            start_writeback(self.fd, start, self.at - start)
-            self._written_back = self.at
-
-    def _copy_in(self, t: torch.Tensor, at: int, nbytes: int) -> None:
-        """A small tensor's bytes into the buffer at `at`: one memmove, or for a strided view one gather."""
-        same = None if t.is_contiguous() else _SAME_SIZE_INT.get(t.element_size())
-        if same is None:
-            t = buffers.contiguous(t)
-            ctypes.memmove(self._addr + at, t.data_ptr(), nbytes)
-        else:
-            arr = t.view(same).numpy()  # (numpy gathers it: fewer calls than torch's copy_ into a view of the buffer)
-            numpy.frombuffer(self.buf, dtype=arr.dtype, count=arr.size, offset=at).reshape(arr.shape)[...] = arr
+        out = self.out
+        out.put(head)
+        out.put_data(tensor, nbytes)
+        out.put(tail)
 
     def small(self, name: str, data: bytes) -> None:
         head, tail = self.zip.record(name, len(data))
         for b in (head, data, tail):
-            self._put(b)
+            self.out.put(b)
 
     def close(self, tmp: Path) -> None:
         try:
-            self._put(self.zip.end())
-            self._flush()
-            with named_os_errors(self.path):
-                os.fsync(self.fd)  # (a rank file under its final name is on the disk)
+            self.out.put(self.zip.end())
+            self.out.close()
         finally:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __del__(self):  # (a writer abandoned by a failed or interrupted unit does not keep its file open)
-        if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
-
-
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+            self.out.abandon()
 
 
 class RankFileWriter:

@@ -157,3 +157,26 @@ def test_distcp_chunks_from_templates_are_torch_save_byte_for_byte(tmp_path):
     assert data == ref.getvalue()
     for (start, n), want in zip(spans, (t[1:], t[0:1])):
         assert torch.equal(torch.load(io.BytesIO(data[start:start + n]), weights_only=True), want)
+
+
+def test_distcp_dry_run_lays_out_what_the_writer_writes(tmp_path):
+    """A dry `.distcp` (no file: meta chunks) gives every chunk the offset and length the real file gives it, for
+    chunks gathered in the buffer, chunks larger than it (written from memory and file to file) and strided views;
+    each real chunk loads as the tensor it came from."""
+    import io
+
+    from stepconv.hf_io import GatherFile
+    from stepconv.torch_dist import _Sink
+
+    big = torch.randn(GatherFile.BUFFER // 4 + 3, 2)  # fp32: > BUFFER bytes
+    chunks = [torch.randn(2, 3).bfloat16(), big, torch.randn(5, 4).bfloat16()[:, 1:3], torch.randn(1, 7),
+              _file_rows(tmp_path / "src", big.bfloat16().clone())]
+    real, dry = _Sink(tmp_path / "a.distcp"), _Sink(None)
+    spans = [real.save(c) for c in chunks]
+    assert [dry.save(torch.empty(c.shape, dtype=c.dtype, device="meta")) for c in chunks] == spans
+    assert real.close() == dry.close()
+    data = (tmp_path / "a.distcp").read_bytes()
+    assert spans[-1][0] + spans[-1][1] == len(data)
+    for (start, n), c in zip(spans, chunks):
+        want = c.materialise() if isinstance(c, FileRows) else c
+        assert torch.equal(torch.load(io.BytesIO(data[start:start + n]), weights_only=True), want)
