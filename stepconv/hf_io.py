@@ -17,6 +17,8 @@ import shutil
 import stat
 import struct
 import threading
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -217,24 +219,55 @@ class FileRows:
                 offset += pwrite_all(fd, p, offset)
 
 
+def _place(fd: int, path: Path, piece, at: int, nbytes: int) -> None:
+    """A large piece's bytes at `at` of `fd` (on a write-behind thread), then its writeback started."""
+    with named_os_errors(path):
+        piece.write_to(fd, at) if type(piece) is FileRows else pwrite_all(fd, piece, at)
+    start_writeback(fd, at, nbytes)
+
+
+_writers: ThreadPoolExecutor | None = None
+_writers_lock = threading.Lock()
+
+
+def _write_behind() -> ThreadPoolExecutor:
+    """The process's write-behind threads (positional writes of large pieces; they release the GIL)."""
+    global _writers
+    with _writers_lock:
+        if _writers is None:
+            _writers = ThreadPoolExecutor(max_workers=max(4, min(16, os.cpu_count() or 1)),
+                                          thread_name_prefix="stepconv-write")
+        return _writers
+
+
 class GatherFile:
     """A file written front to back, its small pieces gathered in one reused buffer and written with one pwrite when
-    it is full; pieces of at least BUFFER bytes go file to file (`FileRows.write_to`: copy_file_range) or straight
-    from their memory. The rank files' zip records (`megatron_io`) and torch_dist's `.distcp` blobs are written
-    through it: at the real tensor count a file holds ~25k records whose bytes, at small widths, are a few KB each,
-    and a syscall or two per piece was the cost. `tmp` None: a dry run's file, which only counts (no descriptor).
-
-    Every WRITEBACK_BYTES the kernel is told to start writing the bytes before `at` to the disk (`start_writeback`)."""
+    it is full; pieces of at least BUFFER bytes are written behind, on a pool of threads, at the offsets they were
+    given (file to file with copy_file_range for `FileRows`, from memory otherwise). The rank files' zip records
+    (`megatron_io`) and torch_dist's `.distcp` blobs are written through it. Why both:
+    * at the real tensor count a file holds ~25k records whose bytes, at small widths, are a few KB each, and a
+      syscall or two per piece was the cost;
+    * at the real widths the pieces are MBs and the one thread of a unit (one PP stage x EP rank: all of TP=4's four
+      rank files) spent 60% of its time in copy_file_range and 5% starting writeback (py-spy, 16-core host, TP=4,
+      11.85 GB), one kernel copy at a time.
+    A piece written behind keeps its tensor (or the source descriptor of its `FileRows`) alive until written; at
+    most IN_FLIGHT bytes are pending per file. `close` waits for them, and so does `abandon`, before the descriptor
+    is closed (its number could otherwise be reused while a write is pending). `tmp` None: a dry run's file, which
+    only counts (no descriptor)."""
 
     # (the buffer is allocated once: fresh pages fault on first touch, which is slow on these virtual machines.)
     # FileRows below it are read into it: per record, fsync included, 2-core machine: pread 43 / 146 / 654 us vs
     # copy_file_range 65 / 222 / 928 us for 2.5 / 40 / 256 KB
     BUFFER = 1 << 20
-    __slots__ = ("path", "fd", "buf", "view", "n", "at", "_addr", "_written_back")
+    IN_FLIGHT = 64 << 20  # pending write-behind bytes per file (memory held by pending tensors is at most this)
+    __slots__ = ("path", "fd", "buf", "view", "n", "at", "_addr", "_written_back", "_gathered", "_pending",
+                 "_in_flight")
 
     def __init__(self, tmp: Path | None, path: Path | None = None):
         self.path = path or tmp  # (errors name the final name: the temporary one is ours)
         self.fd = -1
+        self._pending: deque = deque()  # (future, bytes) of pieces written behind, oldest first
+        self._in_flight = 0
         if tmp is not None:
             with named_os_errors(self.path):
                 self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
@@ -243,7 +276,8 @@ class GatherFile:
         self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
         self.n = 0  # bytes gathered in buf
         self.at = 0  # file offset of buf[0]
-        self._written_back = 0
+        self._written_back = 0  # where the gathered bytes' last writeback ended
+        self._gathered = 0  # bytes flushed from the buffer since
 
     @property
     def pos(self) -> int:
@@ -255,7 +289,11 @@ class GatherFile:
             with named_os_errors(self.path):
                 pwrite_view(self.fd, self.view[:self.n], self.at)
         self.at += self.n
+        self._gathered += self.n
         self.n = 0
+        if self._gathered >= WRITEBACK_BYTES and self.fd >= 0:  # (pieces written behind start their own)
+            start_writeback(self.fd, self._written_back, self.at - self._written_back)
+            self._written_back, self._gathered = self.at, 0
 
     def _room(self, m: int) -> int:
         """Where `m` (<= BUFFER) bytes go in the buffer, flushed first if they do not fit."""
@@ -300,13 +338,17 @@ class GatherFile:
             self.n = at + nbytes
         else:
             self._flush()
-            with named_os_errors(self.path):
-                tensor.write_to(self.fd, self.at) if type(tensor) is FileRows else pwrite_all(self.fd, tensor, self.at)
+            while self._pending and self._in_flight + nbytes > self.IN_FLIGHT:
+                self._reap()
+            self._pending.append((_write_behind().submit(_place, self.fd, self.path, tensor, self.at, nbytes), nbytes))
+            self._in_flight += nbytes
             self.at += nbytes
-        if self.fd >= 0 and self.at - self._written_back >= WRITEBACK_BYTES:  # (all before `at` is written)
-            start = max(0, self._written_back - (1 << 20))
-            start_writeback(self.fd, start, self.at - start)
-            self._written_back = self.at
+
+    def _reap(self) -> None:
+        """Wait for the oldest piece written behind (its error, if any, is raised here)."""
+        fut, nbytes = self._pending.popleft()
+        self._in_flight -= nbytes
+        fut.result()
 
     def _copy_in(self, t: torch.Tensor, at: int, nbytes: int) -> None:
         """A small tensor's bytes into the buffer at `at`: one memmove, or for a strided view one gather."""
@@ -319,9 +361,12 @@ class GatherFile:
             numpy.frombuffer(self.buf, dtype=arr.dtype, count=arr.size, offset=at).reshape(arr.shape)[...] = arr
 
     def close(self) -> None:
-        """Write what is gathered, fsync (a file under its final name is on the disk) and close."""
+        """Write what is gathered, wait for what is written behind, fsync (a file under its final name is on the
+        disk) and close."""
         try:
             self._flush()
+            while self._pending:
+                self._reap()
             if self.fd >= 0:
                 with named_os_errors(self.path):
                     os.fsync(self.fd)
@@ -329,13 +374,18 @@ class GatherFile:
             self.abandon()
 
     def abandon(self) -> None:
+        """Close the descriptor once no write is pending on it (errors of abandoned writes are dropped)."""
+        if self._pending:
+            wait([f for f, _ in self._pending])
+            self._pending.clear()
+            self._in_flight = 0
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
 
     def __del__(self):  # (a writer abandoned by a failed or interrupted unit does not keep its file open)
         if getattr(self, "fd", -1) >= 0:
-            os.close(self.fd)
+            self.abandon()
 
 
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

@@ -180,3 +180,33 @@ def test_distcp_dry_run_lays_out_what_the_writer_writes(tmp_path):
     for (start, n), c in zip(spans, chunks):
         want = c.materialise() if isinstance(c, FileRows) else c
         assert torch.equal(torch.load(io.BytesIO(data[start:start + n]), weights_only=True), want)
+
+
+def test_gather_file_writes_behind_in_place_and_reports_errors(tmp_path, monkeypatch):
+    """Large pieces written behind (more than IN_FLIGHT pending, so the writer waits on them) land at their offsets
+    between gathered small ones; a failed write behind is raised by `close`, naming the file, and leaves no
+    descriptor open."""
+    from stepconv.hf_io import GatherFile
+
+    monkeypatch.setattr(GatherFile, "IN_FLIGHT", 3 * GatherFile.BUFFER)
+    g = GatherFile(tmp_path / "a.tmp", tmp_path / "a")
+    want = bytearray()
+    gen = torch.Generator().manual_seed(0)
+    for i in range(12):
+        small = torch.randint(0, 255, (1000 + i,), dtype=torch.uint8, generator=gen)
+        big = torch.randint(0, 255, (GatherFile.BUFFER + 4096 * i,), dtype=torch.uint8, generator=gen)
+        rows = _file_rows(tmp_path / f"src{i}", big.flip(0).clone()) if i % 2 else big
+        g.put(b"h%d" % i)
+        g.put_data(small, small.numel())
+        g.put_data(rows, big.numel())
+        want += b"h%d" % i + small.numpy().tobytes() + (big.flip(0) if i % 2 else big).numpy().tobytes()
+    assert g.pos == len(want)
+    g.close()
+    assert (tmp_path / "a.tmp").read_bytes() == bytes(want) and g.fd == -1
+
+    bad = GatherFile(tmp_path / "b.tmp", tmp_path / "b")
+    bad.put_data(FileRows((2 * GatherFile.BUFFER,), torch.uint8, [(987654, 0, 2 * GatherFile.BUFFER)]),
+                 2 * GatherFile.BUFFER)  # no such source descriptor
+    with pytest.raises(OSError) as e:
+        bad.close()
+    assert str(tmp_path / "b") in str(e.value) and bad.fd == -1
