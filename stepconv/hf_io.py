@@ -226,30 +226,19 @@ def _place(fd: int, path: Path, piece, at: int, nbytes: int) -> None:
     start_writeback(fd, at, nbytes)
 
 
-_writers: ThreadPoolExecutor | None = None
-_writers_lock = threading.Lock()
-
-
-def _write_behind() -> ThreadPoolExecutor:
-    """The process's write-behind threads (positional writes of large pieces; they release the GIL)."""
-    global _writers
-    with _writers_lock:
-        if _writers is None:
-            _writers = ThreadPoolExecutor(max_workers=max(4, min(16, os.cpu_count() or 1)),
-                                          thread_name_prefix="stepconv-write")
-        return _writers
-
-
 class GatherFile:
     """A file written front to back, its small pieces gathered in one reused buffer and written with one pwrite when
-    it is full; pieces of at least BUFFER bytes are written behind, on a pool of threads, at the offsets they were
-    given (file to file with copy_file_range for `FileRows`, from memory otherwise). The rank files' zip records
-    (`megatron_io`) and torch_dist's `.distcp` blobs are written through it. Why both:
+    it is full; pieces of at least BUFFER bytes are written behind, in order, by the file's own thread, at the offsets
+    they were given (file to file with copy_file_range for `FileRows`, from memory otherwise). The rank files' zip
+    records (`megatron_io`) and torch_dist's `.distcp` blobs are written through it. Why:
     * at the real tensor count a file holds ~25k records whose bytes, at small widths, are a few KB each, and a
       syscall or two per piece was the cost;
-    * at the real widths the pieces are MBs and the one thread of a unit (one PP stage x EP rank: all of TP=4's four
-      rank files) spent 60% of its time in copy_file_range and 5% starting writeback (py-spy, 16-core host, TP=4,
-      11.85 GB), one kernel copy at a time.
+    * at the real widths the pieces are MBs, and the one thread of a unit (one PP stage x EP rank: all of TP=4's four
+      rank files) spent 60% of its time in copy_file_range and 5% starting writeback (py-spy, 16-core device, TP=4,
+      11.85 GB), one kernel copy at a time; with a thread per file the files are written at once while the unit's
+      thread reads and splits. One thread per file, not a shared pool: several threads writing one file serialise
+      on its inode lock and spin there (same device, TP=2: 2 / 4 / 8 / 16 pool threads, system CPU 9.6 / 11.9 /
+      18.8 / 23.1 s, no faster).
     A piece written behind keeps its tensor (or the source descriptor of its `FileRows`) alive until written; at
     most IN_FLIGHT bytes are pending per file. `close` waits for them, and so does `abandon`, before the descriptor
     is closed (its number could otherwise be reused while a write is pending). `tmp` None: a dry run's file, which
@@ -261,13 +250,14 @@ class GatherFile:
     BUFFER = 1 << 20
     IN_FLIGHT = 64 << 20  # pending write-behind bytes per file (memory held by pending tensors is at most this)
     __slots__ = ("path", "fd", "buf", "view", "n", "at", "_addr", "_written_back", "_gathered", "_pending",
-                 "_in_flight")
+                 "_in_flight", "_lane")
 
     def __init__(self, tmp: Path | None, path: Path | None = None):
         self.path = path or tmp  # (errors name the final name: the temporary one is ours)
         self.fd = -1
         self._pending: deque = deque()  # (future, bytes) of pieces written behind, oldest first
         self._in_flight = 0
+        self._lane: ThreadPoolExecutor | None = None  # the thread that writes this file's large pieces
         if tmp is not None:
             with named_os_errors(self.path):
                 self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
@@ -340,7 +330,9 @@ class GatherFile:
             self._flush()
             while self._pending and self._in_flight + nbytes > self.IN_FLIGHT:
                 self._reap()
-            self._pending.append((_write_behind().submit(_place, self.fd, self.path, tensor, self.at, nbytes), nbytes))
+            if self._lane is None:
+                self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-write")
+            self._pending.append((self._lane.submit(_place, self.fd, self.path, tensor, self.at, nbytes), nbytes))
             self._in_flight += nbytes
             self.at += nbytes
 
@@ -379,6 +371,9 @@ class GatherFile:
             wait([f for f, _ in self._pending])
             self._pending.clear()
             self._in_flight = 0
+        if self._lane is not None:
+            self._lane.shutdown()
+            self._lane = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
