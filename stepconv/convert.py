@@ -202,7 +202,15 @@ class ImportPlan:
     def workers(self, units: list[Unit], reader: HFReader) -> WorkerPlan:
         """One worker holds an entry's sources, its TP shards and the next such entry read ahead (3x the larger
         of sources and shards) plus two read-ahead batches."""
+        known: dict[tuple, int] = {}  # (HF names, one expert's slice?) -> bytes: the experts of a stack are alike
+
         def entry_bytes(e: Entry) -> int:
+            n = known.get((e.hf, e.expert is None))
+            if n is None:
+                n = known[(e.hf, e.expert is None)] = bytes_of(e)
+            return n
+
+        def bytes_of(e: Entry) -> int:
             shape = e.rank_shape()
             if shape is None or not e.kind.megatron:
                 return reader.source_bytes(e)

@@ -33,6 +33,8 @@ from .safety import GuardedFile, bounded_text, check_zip_sizes, named_os_errors,
 from .engine import FileStat, Unit, UnitResult
 from .hf_io import FileRows, GatherFile, SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .mapping import Entry, Layout
+from .torch_pickle import StorageRef, TensorRef
+from .torch_pickle import dumps as dumps_state
 from .torch_zip import ZipLayout, layout_matches_torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -59,41 +61,6 @@ def rank_dir_name(tp_rank: int, pp_rank: int, ep_rank: int, pp_size: int, ep_siz
 
 
 # --- writing ---------------------------------------------------------------------------------
-@dataclass(slots=True)
-class _StorageRef:
-    key: str
-    dtype: torch.dtype
-    numel: int
-
-
-@dataclass(slots=True)
-class _TensorRef:
-    storage: _StorageRef
-    shape: tuple[int, ...]
-
-
-def _storage_class(dtype: torch.dtype):
-    name = torch.storage._dtype_to_storage_type_map()[dtype]  # e.g. "BFloat16Storage", as torch.save pickles it
-    return getattr(torch, name)
-
-
-class _Pickler(pickle.Pickler):
-    def persistent_id(self, obj):
-        if isinstance(obj, _StorageRef):
-            return ("storage", _storage_class(obj.dtype), obj.key, "cpu", obj.numel)
-        return None
-
-    def reducer_override(self, obj):
-        if isinstance(obj, _TensorRef):
-            stride, acc = [], 1
-            for d in reversed(obj.shape):
-                stride.append(acc)
-                acc *= d
-            return (torch._utils._rebuild_tensor_v2,
-                    (obj.storage, 0, tuple(obj.shape), tuple(reversed(stride)), False, OrderedDict()))
-        return NotImplemented
-
-
 class _SlotFile(GuardedFile):
     """GuardedFile that remembers where torch skipped a record's bytes (`write_record_metadata` seeks past them)."""
 
@@ -226,7 +193,7 @@ class RankFileWriter:
         self._out.record("data/" + name, tensor, nbytes)
         self.bytes_written += nbytes
         self.tensors += 1
-        sd[key] = _TensorRef(_StorageRef(name, dtype, numel), shape)
+        sd[key] = TensorRef(StorageRef(name, dtype, numel), shape)
         self._signature.append((model, key, dtype, shape))
 
     def finish(self, args: argparse.Namespace, iteration: int = 0, pickles: dict | None = None) -> None:
@@ -236,7 +203,7 @@ class RankFileWriter:
         sig = (id(args), iteration, tuple(self._signature)) if pickles is not None else None
         data = pickles.get(sig) if sig is not None else None
         if data is None:
-            data = _dumps(obj)
+            data = dumps_state(obj)
             if sig is not None:
                 pickles[sig] = data
         for name, small in (("data.pkl", data), *_FIXED_RECORDS):
@@ -247,14 +214,6 @@ class RankFileWriter:
 
 # what torch.save writes after data.pkl (`torch.serialization._save`), before its writer's own closing records
 _FIXED_RECORDS = ((".format_version", b"1"), (".storage_alignment", b"64"), ("byteorder", sys.byteorder.encode()))
-
-def _dumps(obj: Any) -> bytes:
-    import io
-
-    buf = io.BytesIO()
-    _Pickler(buf, protocol=2).dump(obj)
-    return buf.getvalue()
-
 
 def write_tracker(root: Path, iteration: int | str = "release") -> None:
     (root / TRACKER).write_text(f"{iteration}\n" if iteration == "release" else f"{int(iteration)}\n")
