@@ -89,7 +89,7 @@ def pwrite_view(fd: int, view: memoryview, offset: int) -> int:
     return n
 
 
-SMALL_READ = 64 << 10  # reads below this go into a bytearray
+SMALL_READ = 64 << 10  # reads below this go into a bytearray (heap memory: below memory.py's mmap threshold)
 
 
 def pread_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, what: str,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import sys
 
 _M_MMAP_THRESHOLD = -3
@@ -21,7 +20,8 @@ def fixed_mmap_threshold(nbytes: int = 1 << 16) -> None:
     if _done or not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(ctypes.util.find_library("c")).mallopt(_M_MMAP_THRESHOLD, nbytes)
+        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, nbytes)  # (the process's own symbols, glibc's among them:
+        # find_library("c") ran `ldconfig -p`, 7-50 ms of each conversion's start)
     except (OSError, AttributeError):
         pass
     _done = True
