@@ -153,12 +153,18 @@ def dumps(obj: Any) -> bytes:
     last ones are the model chunks (OrderedDicts of TensorRef or None) after at least two others (args,
     checkpoint_version, iteration). Anything else, or a Python whose pickler writes otherwise, goes to `Pickler`."""
     items = list(obj.items()) if type(obj) is dict else []
-    split = len(items)
-    while split and _plain_model(items[split - 1][1]):
-        split -= 1
+    split = _models_from(items)
     if split < 2 or split == len(items) or len(items) > BATCH or not matches_pickler():
         return pickler_dumps(obj)
     return _dumps(items[:split], items[split:])
+
+
+def _models_from(items: list) -> int:
+    """Where the trailing model chunks (str name -> `_plain_model`) of a state dict's items begin."""
+    split = len(items)
+    while split and type(items[split - 1][0]) is str and _plain_model(items[split - 1][1]):
+        split -= 1
+    return split
 
 
 def _dumps(head_items: list, models: list) -> bytes:
@@ -255,8 +261,13 @@ def _dumps(head_items: list, models: list) -> bytes:
     consts: tuple[bytes, bytes, bytes] = (b"", b"", b"")
     for name, od in models:
         save_str(name)
+        i = memo.get(id(od))
+        if i is not None:  # (the same chunk object under a second name)
+            put(get_op(i))
+            continue
         save_global(odict, odict_op)
         put(b")R" + memo_op(n))  # EMPTY_TUPLE, REDUCE: the model chunk, memoized
+        memo[id(od)] = n
         n += 1
         items, left = iter(od.items()), len(od)
         while left:
@@ -351,7 +362,5 @@ def sample_state(chunks: int = 2, entries: int | Sequence[int] = 1001, args: Any
 def dumps_both(obj: Any) -> tuple[bytes, bytes]:
     """(our bytes, the pickler's) for a state dict `dumps` writes itself: for the self-check and the tests."""
     items = list(obj.items())
-    split = len(items)
-    while split and _plain_model(items[split - 1][1]):
-        split -= 1
+    split = _models_from(items)
     return _dumps(items[:split], items[split:]), pickler_dumps(obj)
