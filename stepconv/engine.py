@@ -130,7 +130,8 @@ class Writer(Protocol):
 def _read_ahead(reader: Reader, entries: Sequence[Entry]) -> Iterator[tuple[Entry, list[torch.Tensor]]]:
     """Yield (entry, its sources) while a second thread reads the next batch, so disk reads overlap the
     splitting and writing. Batches (up to the reader's `read_ahead_bytes`, default READ_AHEAD_BYTES, or one larger entry) keep the thread hand-off off
-    the per-expert hot path; two batches are in memory at most."""
+    the per-expert hot path; two batches are in memory at most. A reader with `read_batch(entries)` (the list of
+    `read(e)`) reads a whole batch at once (HFReader: a run of experts of one stack in one pread)."""
     batches: list[list[Entry]] = [[]]
     size, limit = 0, getattr(reader, "read_ahead_bytes", READ_AHEAD_BYTES)
     for e in entries:
@@ -147,8 +148,10 @@ def _read_ahead(reader: Reader, entries: Sequence[Entry]) -> Iterator[tuple[Entr
             yield e, reader.read(e)
         return
 
+    read_batch = getattr(reader, "read_batch", None)
+
     def load(batch: list[Entry]) -> list[list[torch.Tensor] | None]:
-        return [reader.read(e) for e in batch]
+        return read_batch(batch) if read_batch is not None else [reader.read(e) for e in batch]
 
     with ThreadPoolExecutor(max_workers=1) as pool:
         nxt = pool.submit(load, batches[0])

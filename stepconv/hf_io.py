@@ -93,12 +93,15 @@ SMALL_READ = 64 << 10  # reads below this go into a bytearray (heap memory: belo
 
 
 def pread_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, what: str,
-                 shape: Sequence[int] | None = None) -> torch.Tensor:
+                 shape: Sequence[int] | None = None, pooled: bool = True) -> torch.Tensor:
     """`nbytes` at `offset` into a new tensor of `dtype`, 1-D or of `shape`. From SMALL_READ bytes up into a reused
-    buffer (`buffers.empty`: uninitialised, no zero-fill, no fresh pages); below it into a bytearray, whose zero-fill
-    costs less than torch's calls here: 5 vs 17 us for a 2.5 KB expert (torch.empty, .numpy(), two views; 2-core
-    machine), which hf-to-mcore does ~12k times per rank file at 1/64 width."""
-    if 0 < nbytes < SMALL_READ:
+    buffer (`buffers.empty`: uninitialised, no zero-fill, no fresh pages); below it, or not `pooled`, into a
+    bytearray, whose zero-fill costs less than torch's calls here: 5 vs 17 us for a 2.5 KB expert (torch.empty,
+    .numpy(), two views; 2-core machine), which hf-to-mcore does ~12k times per rank file at 1/64 width. (Reads of
+    many sizes, such as `HFReader.read_batch`'s runs cut where the read-ahead batches end, are not `pooled`: the
+    pool keeps each size's idle buffers for a while, and peak RSS grew with depth, 257 -> 309 MB from 4 to 16
+    layers in tests/test_streaming.py.)"""
+    if 0 < nbytes and (nbytes < SMALL_READ or not pooled):
         raw = bytearray(nbytes)
         pread_into(fd, memoryview(raw), offset, what)
         t = torch.frombuffer(raw, dtype=dtype)
@@ -513,8 +516,10 @@ class HFCheckpoint:
                                                 info.nbytes // rows if rows else 0, f"{self.path / info.file}: {info.name}")
         return where
 
-    def _read_rows(self, info: TensorInfo, lo: int, hi: int, lazy: bool = False) -> torch.Tensor | FileRows:
-        """Rows [lo, hi) of dim 0, read with pread into a reused buffer (`lazy`: where they are, unread)."""
+    def _read_rows(self, info: TensorInfo, lo: int, hi: int, lazy: bool = False,
+                   pooled: bool = True) -> torch.Tensor | FileRows:
+        """Rows [lo, hi) of dim 0, read with pread into a reused buffer (`lazy`: where they are, unread; not
+        `pooled`: into memory of their own, see `pread_tensor`)."""
         fd, at, row_bytes, what = self._where(info)
         n = (hi - lo) * row_bytes
         start = at + lo * row_bytes
@@ -522,7 +527,8 @@ class HFCheckpoint:
             self.bytes_read += n
         if lazy:
             return FileRows((hi - lo, *info.shape[1:]), info.dtype, [(fd, start, n)] if n else [])
-        return pread_tensor(fd, start, n, info.dtype, what, (hi - lo, *info.shape[1:]) if info.shape else ())
+        return pread_tensor(fd, start, n, info.dtype, what, (hi - lo, *info.shape[1:]) if info.shape else (),
+                            pooled=pooled)
 
     def row(self, info: TensorInfo, index: int, lazy: bool = False) -> torch.Tensor | FileRows:
         """Row `index` of dim 0 (one expert of a stack), its shape the rest of the tensor's: `_read_rows(info, index,
@@ -763,6 +769,27 @@ class HFReader:
             infos = self.ckpt.tensors
             return [self.ckpt.row(infos[h], entry.expert, rows) for h in entry.hf]
         return [self.ckpt.lazy(h, rows)[:] for h in entry.hf]
+
+    def read_batch(self, entries: Sequence) -> list[list[torch.Tensor]]:
+        """`read` of each of `entries` (a read-ahead batch), where a run of consecutive experts of the same stacks
+        that are read (not left in their files) is one pread per stack, each expert a view of it: an expert's own
+        read cost ~16 us, its view ~2 (2.5 KB experts at 1/64 width, 2-core machine)."""
+        out: list[list[torch.Tensor]] = []
+        i, n = 0, len(entries)
+        while i < n:
+            e = entries[i]
+            j = i + 1
+            if not self.meta and e.expert is not None and e.hf and not (self.file_rows and e.kind.row_slices):
+                while j < n and entries[j].hf == e.hf and entries[j].expert == e.expert + j - i:
+                    j += 1
+            if j - i == 1:
+                out.append(self.read(e))
+            else:
+                stacks = [self.ckpt._read_rows(self.ckpt.tensors[h], e.expert, e.expert + j - i, pooled=False)
+                          .unbind(0) for h in e.hf]
+                out += [list(views) for views in zip(*stacks)]
+            i = j
+        return out
 
     def nbytes(self, entry) -> int:  # bytes `read` materialises (read-ahead batches)
         if self.file_rows and entry.kind.row_slices:
