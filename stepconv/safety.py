@@ -15,7 +15,6 @@ import json
 import math
 import os
 import stat
-import struct
 import sys
 import threading
 import zipfile
@@ -293,57 +292,32 @@ DIGEST_BLOCK = 64 << 20  # a rank file's digest: one CRC-32 per block, blocks on
 def file_digest(path: Path) -> str:
     """What a journal records of a finished file, for `--resume` to check a reused file against.
 
-    A rank file (zip archive): a SHA-256 of its central directory (record names, sizes, offsets) plus a CRC-32 of
-    every 64 MiB block of the file. Rank files are written without torch's per-record CRC-32 (issue 11: its miniz
-    CRC ran at ~300 MB/s and was half the import's CPU), so the record CRCs are 0 and the archive itself cannot vouch
-    for its bytes. zlib's CRC-32 runs at ~3 GB/s a core here, from the page cache, outside the GIL; but over every
-    byte of every rank file, on the unit's own thread, it added whole seconds at the end of a unit (12 GB of rank
-    files at real width: ~4 s), so the blocks are summed on up to the CPU count of threads (`_block_crcs`). The
-    directory is hashed as it lies in the file (`zip_directory`): walking it with `zipfile` (a ZipInfo per record)
-    took ~0.2-0.5 s per 24.7k-record rank file at the end of each unit (2-core machine).
+    A rank file (zip archive): its directory of record names and sizes plus a CRC-32 of every 64 MiB block of the
+    file. Rank files are written without torch's per-record CRC-32 (issue 11: its miniz CRC ran at ~300 MB/s and was
+    half the import's CPU), so the record CRCs are 0 and the archive itself cannot vouch for its bytes. zlib's
+    CRC-32 runs at ~3 GB/s a core here, from the page cache, outside the GIL; but over every byte of every rank
+    file, on the unit's own thread, it added whole seconds at the end of a unit (12 GB of rank files at real width:
+    ~4 s), so the blocks are summed on up to the CPU count of threads (`_block_crcs`). The directory is read in one
+    pass where torch laid the archive out (`torch_zip.central_directory`): `zipfile`'s walk took ~0.24 s per
+    24.7k-record rank file at the end of each unit (2-core machine).
     Any other file (the MTP-head sidecar, torch_dist data: rereading them would double the I/O): size and mtime."""
     if path.suffix == ".pt":
+        from .torch_zip import central_directory  # (torch_zip imports torch)
+
         try:
-            cd = hashlib.sha256(zip_directory(path)).hexdigest()
+            records = central_directory(path, os.stat(path).st_size)
+            if records is None:
+                with zipfile.ZipFile(path) as z:
+                    records = [(i.filename, 0, i.file_size) for i in z.infolist()]
+            d = hashlib.sha256()
+            for name, _, size in records:
+                d.update(f"{name}:{size};".encode())
             crcs = _block_crcs(path)
-            return f"zipcd:{cd}:crc32x64M:{hashlib.sha256(b''.join(crcs)).hexdigest()}"
-        except (OSError, ValueError):
+            return f"zipdir:{d.hexdigest()}:crc32x64M:{hashlib.sha256(b''.join(crcs)).hexdigest()}"
+        except (zipfile.BadZipFile, OSError, ValueError):
             return "unreadable"
     st = os.stat(path)
     return f"stat:{st.st_size}:{st.st_mtime_ns}"
-
-
-_EOCD, _LOCATOR64, _EOCD64 = struct.Struct("<IHHHHIIH"), struct.Struct("<IIQI"), struct.Struct("<IQHHIIQQQQ")
-
-
-def zip_directory(path: Path) -> bytes:
-    """The central directory of a zip archive with no archive comment (as torch.save writes them), found through its
-    end record, or through the zip64 end record when there is one; ValueError when the end records do not say where
-    a directory inside the file is."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size < _EOCD.size:
-            raise ValueError(f"{path}: too short for a zip archive")
-        tail = os.pread(f.fileno(), min(size, _EOCD.size + _LOCATOR64.size), size - min(size, _EOCD.size
-                                                                                           + _LOCATOR64.size))
-        sig, _, _, _, count, cd_size, cd_at, comment = _EOCD.unpack(tail[-_EOCD.size:])
-        if sig != 0x06054B50 or comment:
-            raise ValueError(f"{path}: no zip end record at its end")
-        if len(tail) == _EOCD.size + _LOCATOR64.size:
-            lsig, _, end64_at, _ = _LOCATOR64.unpack(tail[:_LOCATOR64.size])
-            if lsig == 0x07064B50:
-                if end64_at + _EOCD64.size > size:
-                    raise ValueError(f"{path}: zip64 end record outside the file")
-                end64 = _EOCD64.unpack(os.pread(f.fileno(), _EOCD64.size, end64_at))
-                if end64[0] != 0x06064B50:
-                    raise ValueError(f"{path}: no zip64 end record where its locator points")
-                cd_size, cd_at = end64[8], end64[9]
-        if cd_at + cd_size > size:
-            raise ValueError(f"{path}: zip directory outside the file")
-        cd = os.pread(f.fileno(), cd_size, cd_at)
-        if len(cd) != cd_size or (cd_size and cd[:4] != b"PK\x01\x02"):
-            raise ValueError(f"{path}: no zip directory where its end record points")
-        return cd
 
 
 def _block_crcs(path: Path) -> list[bytes]:

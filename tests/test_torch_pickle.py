@@ -1,5 +1,5 @@
 """A rank file's data.pkl written by `torch_pickle.dumps` is exactly what the pickler (torch.save's reduction of each
-tensor, `torch_pickle.Pickler`) writes, and loads with torch.load(weights_only=True)."""
+tensor, `torch_pickle.Pickler`) writes, and loads with torch.load(weights_only=True); the journal's digest of it."""
 
 import argparse
 from collections import OrderedDict
@@ -9,7 +9,7 @@ import torch
 
 from stepconv import torch_pickle
 from stepconv.megatron_io import RankFileWriter, load_rank_file
-from stepconv.safety import file_digest, zip_directory
+from stepconv.safety import file_digest
 from stepconv.torch_pickle import StorageRef, TensorRef, dumps, dumps_both, pickler_dumps, sample_state
 
 
@@ -109,23 +109,23 @@ def test_rank_file_loads_with_weights_only(tmp_path):
     assert load_rank_file(path)["model1"].keys() == sd["model1"].keys()
 
 
-def test_zip_directory(tmp_path):
-    """The central directory as zipfile finds it; a file that is not a zip has no digest but 'unreadable', and a
-    changed record name changes the digest."""
+def test_file_digest_is_zipfiles(tmp_path):
+    """The journal's digest of a rank file, its directory read in one pass (`torch_zip.central_directory`), is what
+    the names and sizes `zipfile` lists give; a renamed record changes it; a file that is no zip is 'unreadable'."""
+    import hashlib
     import zipfile
 
     path = tmp_path / "model_optim_rng.pt"
     torch.save({"a": torch.ones(3), "b": torch.zeros(2)}, path)
     raw = path.read_bytes()
     with zipfile.ZipFile(path) as z:
+        names = "".join(f"{i.filename}:{i.file_size};" for i in z.infolist())
         start = z.start_dir
-    cd = zip_directory(path)
-    assert raw[start:start + len(cd)] == cd and cd[:4] == b"PK\x01\x02"
-    assert cd.count(b"PK\x01\x02") == len(zipfile.ZipFile(path).infolist())
-    before = file_digest(path)
+    digest = file_digest(path)
+    assert digest.startswith(f"zipdir:{hashlib.sha256(names.encode()).hexdigest()}:crc32x64M:")
     at = raw.rindex(b"/data/0")  # (in the directory: the last occurrence)
     assert at > start
     path.write_bytes(raw[:at] + b"/data/9" + raw[at + 7:])
-    assert file_digest(path) not in (before, "unreadable")
+    assert file_digest(path) not in (digest, "unreadable")
     path.write_bytes(raw[:-30])
     assert file_digest(path) == "unreadable"
