@@ -647,7 +647,7 @@ class LegacyReader:
         # (tp_rank, stage, ep_rank) -> the file's model chunks (mapped), `model` or `model0`..
         self._models: dict[tuple[int, int, int], dict[str, dict]] = {}
         self._model_names = layout.model_keys()
-        self._sources: dict[tuple[int, int | None], list[tuple[int, int, int]]] = {}  # shard -> rank folder
+        self._shards: dict[tuple, list] = {}  # (stage, ep_rank, chunk) -> `_shard_models`, while the stage is mapped
         self._stages: set[int] = set()
         self._ranges: list[tuple[int, int]] = []
         self._touched = 0
@@ -720,23 +720,23 @@ class LegacyReader:
             with self._lock:
                 self.bytes_read += t.numel() * t.element_size()
             return [t]
-        self._load_stage(entry.stage)  # (a reader used outside units maps stages as entries need them)
-        model = self._model_names[entry.chunk]
-        where = (entry.stage, entry.ep_rank)
-        ranks = self._sources.get(where) or self._sources.setdefault(where, self.layout.shard_sources(*where))
-        parts = [self._models[r][model][entry.key] for r in ranks]
-        for r, s in zip(ranks, parts):
+        if entry.stage not in self._stages:  # (a reader used outside units maps stages as entries need them)
+            self._load_stage(entry.stage)
+        where = (entry.stage, entry.ep_rank, entry.chunk)
+        shards = self._shards.get(where) or self._shard_models(where)
+        parts = [m[entry.key] for _, m, _ in shards]
+        for (r, _, _), s in zip(shards, parts):
             if not isinstance(s, torch.Tensor):
                 raise StepconvError(f"{self.path(*r)}: {entry.key} is {type(s).__name__}, expected a tensor")
-        nbytes = sum(s.numel() * s.element_size() for s in parts)
         if self.meta:
             return [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in parts]
-        files = [self._files.get(r) for r in ranks]
-        if entry.kind.row_slices and all(files) and all(s.is_contiguous() for s in parts):
+        sizes = [s.numel() * s.element_size() for s in parts]
+        nbytes = sum(sizes)
+        if entry.kind.row_slices and all(f for _, _, f in shards) and all(s.is_contiguous() for s in parts):
             with self._lock:
                 self.bytes_read += nbytes
-            return [FileRows(s.shape, s.dtype, [(fd, s.data_ptr() - base, s.numel() * s.element_size())])
-                    for s, (fd, base) in zip(parts, files)]
+            return [FileRows(s.shape, s.dtype, [(f[0], s.data_ptr() - f[1], n)])
+                    for s, (_, _, f), n in zip(parts, shards, sizes)]
         with self._lock:
             self.bytes_read += nbytes
             self._touched += nbytes
@@ -746,9 +746,19 @@ class LegacyReader:
                 self._touched = 0
         return parts
 
+    def _shard_models(self, where: tuple[int, int | None, int]) -> list[tuple[tuple, dict, tuple | None]]:
+        """(rank, its model chunk's state dict, its (fd, base) or None) of each TP shard of (stage, ep_rank, chunk)."""
+        stage, ep_rank, chunk = where
+        model = self._model_names[chunk]
+        with self._lock:
+            out = self._shards[where] = [(r, self._models[r][model], self._files.get(r))
+                                         for r in self.layout.shard_sources(stage, ep_rank)]
+        return out
+
     def close(self, unit: Unit | None = None) -> None:
         """Unmap the unit's stage (every stage when `unit` is None)."""
         with self._lock:
+            self._shards.clear()
             for key in [k for k in self._models if unit is None or k[1] == unit.stage]:
                 del self._models[key]
                 if key in self._files:

@@ -260,9 +260,12 @@ def named_os_errors(path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as e:
-        if e.filename is not None:
-            raise
-        raise OSError(e.errno, e.strerror, str(path)) from None
+        raise named_os_error(e, path) from None
+
+
+def named_os_error(e: OSError, path: Path) -> OSError:
+    """`e`, naming `path` if it names no file."""
+    return e if e.filename is not None else OSError(e.errno, e.strerror, str(path))
 
 
 def fsync_dir(path: Path) -> None:

@@ -210,3 +210,150 @@ def test_gather_file_writes_behind_in_place_and_reports_errors(tmp_path, monkeyp
     with pytest.raises(OSError) as e:
         bad.close()
     assert str(tmp_path / "b") in str(e.value) and bad.fd == -1
+def _writer_case(tmp_path):
+    """Tensors of one safetensors file and the chunks that fill it: a stack of small expert slices (tensors, strided
+    tensors, `FileRows` of several pieces), small whole tensors, and one tensor larger than the gathering limit."""
+    from stepconv.hf_io import TensorInfo
+
+    g = torch.Generator().manual_seed(0)
+    stack = torch.randn(24, 6, 10, generator=g).bfloat16()  # 120 B an expert
+    small = [torch.randn(5 + i, generator=g) for i in range(4)]
+    big = torch.randn(700, generator=g)  # 2800 B: written directly, across windows
+    infos = [TensorInfo("s0", "", torch.float32, (5,)), TensorInfo("stack", "", torch.bfloat16, (24, 6, 10)),
+             TensorInfo("s1", "", torch.float32, (6,)), TensorInfo("big", "", torch.float32, (700,)),
+             TensorInfo("s2", "", torch.float32, (7,)), TensorInfo("s3", "", torch.float32, (8,))]
+    chunks = [("s0", 0, small[0]), ("s1", 0, small[1]), ("s2", 0, small[2]), ("s3", 0, small[3]),
+              ("big", 0, big)]
+    for e in range(24):
+        t = stack[e]
+        if e % 3 == 1:  # a strided view with the same values
+            t = stack[e].t().contiguous().t()
+        elif e % 3 == 2:  # rows from a file and a tensor piece, like a merged SwiGLU half
+            t = FileRows.cat([_file_rows(tmp_path / f"r{e}", t[:4]), t[4:]], t.shape, t.dtype)
+        chunks.append(("stack", e * t.numel() * 2, t))
+    want = {"s0": small[0], "s1": small[1], "s2": small[2], "s3": small[3], "big": big, "stack": stack}
+    return infos, chunks, want
+
+
+def _write_all(path, infos, chunks, *, threads=1, seed=0):
+    import random
+    from concurrent.futures import ThreadPoolExecutor
+
+    from stepconv.hf_io import SafetensorsWriter
+
+    w = SafetensorsWriter(path, infos)
+    order = list(chunks)
+    random.Random(seed).shuffle(order)
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(lambda c: w.write(*c), order))
+    return w.close()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_gathered_writes_from_many_threads_are_the_direct_writes_byte_for_byte(tmp_path, monkeypatch, seed):
+    """Small chunks gather in windows (here 256 B, so chunks straddle windows, and at most 3 buffers held, so
+    windows are written before they are full and gather again), written from 4 threads in a random order: the file
+    is the one chunk-by-chunk direct writes give, loads with safetensors, and took fewer writes."""
+    from safetensors.torch import load_file
+
+    from stepconv.hf_io import SafetensorsWriter
+
+    infos, chunks, want = _writer_case(tmp_path)
+    monkeypatch.setattr(SafetensorsWriter, "GATHER_BELOW", 0)  # nothing gathered: one write per chunk
+    assert _write_all(tmp_path / "direct.safetensors", infos, chunks) == []
+    monkeypatch.setattr(SafetensorsWriter, "GATHER_BELOW", 1000)
+    monkeypatch.setattr(SafetensorsWriter, "WINDOW", 256)
+    monkeypatch.setattr(SafetensorsWriter, "HELD", 3 * 256)
+    assert _write_all(tmp_path / "gathered.safetensors", infos, chunks, threads=4, seed=seed) == []
+    assert (tmp_path / "gathered.safetensors").read_bytes() == (tmp_path / "direct.safetensors").read_bytes()
+    got = load_file(tmp_path / "gathered.safetensors")
+    assert got.keys() == want.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+    # in file order (as a plan's entries come) a write per window, the header and the large tensor
+    calls, pwrite = [], os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda *a: calls.append(a[2]) or pwrite(*a))
+    w = SafetensorsWriter(tmp_path / "ordered.safetensors", infos)
+    for name, off, t in sorted(chunks, key=lambda c: w.offsets[c[0]] + c[1]):
+        w.write(name, off, t)
+    assert w.close() == [] and len(calls) <= -(-w.end // 256) + 2 < len(chunks)
+    assert (tmp_path / "ordered.safetensors").read_bytes() == (tmp_path / "direct.safetensors").read_bytes()
+    # in any order, the buffers held stay within HELD once a write returns
+    w = SafetensorsWriter(tmp_path / "shuffled.safetensors", infos)
+    for name, off, t in sorted(chunks, key=lambda c: hash((seed, c[0], c[1]))):
+        w.write(name, off, t)
+        assert w._held <= w.HELD
+    assert w.close() == []
+    assert (tmp_path / "shuffled.safetensors").read_bytes() == (tmp_path / "direct.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("fault", ["missing", "twice"])
+def test_gathered_writes_still_report_a_missing_or_duplicate_chunk(tmp_path, monkeypatch, fault):
+    """The completeness check counts each tensor's bytes: a slice left out, or one written twice, names the tensor,
+    and the bytes that did arrive are on disk where they belong (written at close, their window never complete)."""
+    from safetensors import safe_open
+
+    from stepconv.hf_io import SafetensorsWriter
+
+    monkeypatch.setattr(SafetensorsWriter, "WINDOW", 256)
+    infos, chunks, want = _writer_case(tmp_path)
+    at = next(i for i, c in enumerate(chunks) if c[0] == "stack" and c[1] == 120 * 7)
+    chunks = chunks[:at] + chunks[at + 1:] if fault == "missing" else chunks + [chunks[at]]
+    assert _write_all(tmp_path / "x.safetensors", infos, chunks, threads=3) == ["stack"]
+    with safe_open(tmp_path / "x.safetensors", "pt") as f:
+        stack = f.get_tensor("stack")
+        assert all(torch.equal(f.get_tensor(k), v) for k, v in want.items() if k != "stack")
+    for e in range(24):
+        assert torch.equal(stack[e], want["stack"][e]) or (fault == "missing" and e == 7 and not stack[e].any())
+
+
+def test_unordered_unit_runs_each_entry_once_and_stops_at_a_failure():
+    """`engine.execute`'s unordered units (mcore-to-hf: a PP stage) hand their entries to the worker threads from
+    one shared iterator: every entry is put exactly once and counted for the audit; after a failing entry the
+    workers stop taking entries and the failure surfaces as a one-line StepconvError naming it."""
+    import threading
+    import time
+    from collections import Counter
+
+    from stepconv.config import StepconvError
+    from stepconv.engine import ReaderBase, Unit, UnitResult, execute
+    from stepconv.kinds import REPLICATE
+    from stepconv.mapping import Entry
+
+    entries = [Entry((f"t{i}",), f"k{i}", REPLICATE, 0, SplitContext(1)) for i in range(60)]
+
+    class Reader(ReaderBase):
+        def read(self, entry):
+            return [torch.ones(int(entry.key[1:]) + 1)]
+
+    class Writer:
+        def __init__(self):
+            self.puts, self.threads = Counter(), set()
+
+        def begin(self):
+            pass
+
+        def start(self, unit):
+            pass
+
+        def put(self, unit, entry, tensors):
+            self.puts[entry.key] += 1
+            self.threads.add(threading.get_ident())
+
+        def end(self, unit):
+            return UnitResult()
+
+    def step(bad):
+        def run(entry, srcs):
+            time.sleep(0.002)
+            if entry.key == bad:
+                raise ValueError("shapes cannot be joined\nsecond line")
+            return srcs
+        return run
+
+    w = Writer()
+    consumed, _ = execute([Unit("stage 0", entries, ordered=False)], Reader(), w, step(None), workers=3)
+    assert w.puts == Counter({e.key: 1 for e in entries})
+    assert consumed == Counter({f"t{i}": i + 1 for i in range(60)})
+    w = Writer()
+    with pytest.raises(StepconvError, match=r"^k10 <-> t10: shapes cannot be joined$"):
+        execute([Unit("stage 0", entries, ordered=False)], Reader(), w, step("k10"), workers=3)
+    assert "k10" not in w.puts and sum(w.puts.values()) < 30
