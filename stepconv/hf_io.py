@@ -338,15 +338,8 @@ class GatherFile:
         elif nbytes < self.BUFFER and type(tensor) is FileRows:
             at = self._room(nbytes)
             with named_os_errors(self.path):
-                for p in tensor.pieces:
-                    if type(p) is tuple:
-                        src, off, m = p
-                        pread_into(src, self.view[at:at + m], off, "source file")
-                    else:
-                        m = p.numel() * p.element_size()
-                        self._copy_in(p, at, m)
-                    at += m
-            self.n = at
+                copy_bytes(tensor, 0, nbytes, self.view[at:at + nbytes], self._addr + at)
+            self.n = at + nbytes
         elif nbytes < self.BUFFER:
             at = self._room(nbytes)
             self._copy_in(tensor, at, nbytes)
