@@ -335,14 +335,10 @@ class GatherFile:
         if tensor.is_meta or self.fd < 0:  # dry run: a hole (a sparse file)
             self._flush()
             self.at += nbytes
-        elif nbytes < self.BUFFER and type(tensor) is FileRows:
+        elif nbytes < self.BUFFER:
             at = self._room(nbytes)
             with named_os_errors(self.path):
                 copy_bytes(tensor, 0, nbytes, self.view[at:at + nbytes], self._addr + at)
-            self.n = at + nbytes
-        elif nbytes < self.BUFFER:
-            at = self._room(nbytes)
-            self._copy_in(tensor, at, nbytes)
             self.n = at + nbytes
         else:
             self._flush()
@@ -359,16 +355,6 @@ class GatherFile:
         fut, nbytes = self._pending.popleft()
         self._in_flight -= nbytes
         fut.result()
-
-    def _copy_in(self, t: torch.Tensor, at: int, nbytes: int) -> None:
-        """A small tensor's bytes into the buffer at `at`: one memmove, or for a strided view one gather."""
-        same = None if t.is_contiguous() else _SAME_SIZE_INT.get(t.element_size())
-        if same is None:
-            t = buffers.contiguous(t)
-            ctypes.memmove(self._addr + at, t.data_ptr(), nbytes)
-        else:
-            arr = t.view(same).numpy()  # (numpy gathers it: fewer calls than torch's copy_ into a view of the buffer)
-            numpy.frombuffer(self.buf, dtype=arr.dtype, count=arr.size, offset=at).reshape(arr.shape)[...] = arr
 
     def close(self) -> None:
         """Write what is gathered, wait for what is written behind, fsync (a file under its final name is on the
@@ -399,9 +385,6 @@ class GatherFile:
     def __del__(self):  # (a writer abandoned by a failed or interrupted unit does not keep its file open)
         if getattr(self, "fd", -1) >= 0:
             self.abandon()
-
-
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 _NO_COPY_RANGE = {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EPERM}
@@ -565,6 +548,9 @@ def _header_bytes(tensors: Sequence[TensorInfo]) -> tuple[bytes, dict[str, int]]
     return struct.pack("<Q", len(raw)) + raw, offsets
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
 def copy_bytes(chunk, lo: int, hi: int, dest: memoryview, dest_addr: int) -> None:
     """Bytes [lo, hi) of `chunk` (a tensor, or `FileRows`: its ranges read with preadv) into `dest` (bytes, at
     address `dest_addr`)."""
@@ -581,6 +567,12 @@ def copy_bytes(chunk, lo: int, hi: int, dest: memoryview, dest_addr: int) -> Non
                     t = buffers.contiguous(p)  # (held while its bytes are copied)
                     ctypes.memmove(dest_addr + at, t.data_ptr() + a - pos, b - a)
             pos += n
+    elif (lo == 0 and hi == chunk.numel() * chunk.element_size() and not chunk.is_contiguous()
+          and chunk.element_size() in _SAME_SIZE_INT):
+        # a strided view whole (an fc2 column slice): numpy gathers it into place, in fewer calls than torch's
+        # copy_ into a view of `dest`
+        arr = chunk.view(_SAME_SIZE_INT[chunk.element_size()]).numpy()
+        numpy.frombuffer(dest, dtype=arr.dtype, count=arr.size).reshape(arr.shape)[...] = arr
     else:
         t = buffers.contiguous(chunk)
         ctypes.memmove(dest_addr, t.data_ptr() + lo, hi - lo)
