@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -12,9 +11,10 @@ from dataclasses import dataclass, field
 import torch
 
 from .hf_io import HFCheckpoint, pread_into
+from .safety import LIBC
 
 CHUNK_BYTES = 16 << 20  # compared per task; each thread reuses one buffer pair of this size
-_libc = ctypes.CDLL(ctypes.util.find_library("c"))  # (CDLL calls release the GIL)
+_libc = LIBC if LIBC is not None else ctypes.CDLL(None)
 _libc.memcmp.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t]
 
 

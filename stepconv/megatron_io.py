@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import ctypes.util
 import mmap
 import os
 import pathlib
@@ -29,7 +28,7 @@ import torch
 
 from . import buffers, fast_load
 from .config import StepconvError, names_text
-from .safety import GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file
+from .safety import LIBC, GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file
 from .engine import FileStat, Unit, UnitResult
 from .hf_io import FileRows, GatherFile, SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .mapping import Entry, Layout
@@ -344,7 +343,6 @@ def rank_models(obj: dict, layout: Layout, path: Path) -> list[dict]:
     return [obj[k] for k in want]
 
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True) if sys.platform.startswith("linux") else None
 _PAGE = mmap.PAGESIZE
 _MADV_DONTNEED = 4
 
@@ -369,10 +367,10 @@ def release_range(lo: int, hi: int) -> None:
     (measured: 47 MB of each 77 MB rank file resident by the end of an export). Releasing the whole
     file's range now and then keeps what stays mapped bounded.
     """
-    if _libc is None or hi <= lo:
+    if LIBC is None or hi <= lo:
         return
     start = lo - lo % _PAGE
-    _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_DONTNEED)
+    LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(hi - start), _MADV_DONTNEED)
 
 
 def _file_base(path: Path, model: dict) -> tuple[int, int] | None:
@@ -381,7 +379,7 @@ def _file_base(path: Path, model: dict) -> tuple[int, int] | None:
     established (no /proc, an unmapped tensor), and the caller reads through the mapping as before. The first and
     last tensors' leading bytes are compared with the file's to make sure."""
     ts = [v for v in model.values() if isinstance(v, torch.Tensor) and v.numel()]
-    if not ts or _libc is None:
+    if not ts or LIBC is None:
         return None
     ptr, want = ts[0].data_ptr(), os.stat(path)
     try:

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import sys
+
+from .safety import LIBC
 
 _M_MMAP_THRESHOLD = -3
 _done = False
@@ -20,8 +21,7 @@ def fixed_mmap_threshold(nbytes: int = 1 << 16) -> None:
     if _done or not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(None).mallopt(_M_MMAP_THRESHOLD, nbytes)  # (the process's own symbols, glibc's among them:
-        # find_library("c") ran `ldconfig -p`, 7-50 ms of each conversion's start)
-    except (OSError, AttributeError):
+        LIBC.mallopt(_M_MMAP_THRESHOLD, nbytes)
+    except AttributeError:  # (not glibc)
         pass
     _done = True

@@ -170,8 +170,10 @@ def check_zip_sizes(path: Path, size: int, data=None) -> None:
 
 # --- writing ----------------------------------------------------------------------------------------------
 WRITEBACK_BYTES = 64 << 20  # written between two starts of writeback (`start_writeback`)
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
-_sync_file_range = getattr(_libc, "sync_file_range", None)
+# libc, for every module that calls it: the process's own symbols (glibc's among them). (`find_library("c")` runs
+# `ldconfig -p`: 7-50 ms of each conversion's start.) ctypes calls release the GIL.
+LIBC = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+_sync_file_range = getattr(LIBC, "sync_file_range", None)
 if _sync_file_range is not None:
     _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
 _SYNC_FILE_RANGE_WRITE = 2
