@@ -244,18 +244,27 @@ class FileRows:
                 offset += pwrite_all(fd, p, offset)
 
 
-def _place(fd: int, path: Path, piece, at: int, nbytes: int) -> None:
-    """A large piece's bytes at `at` of `fd` (on a write-behind thread), then its writeback started."""
+def _place(fd: int, path: Path, piece, at: int, nbytes: int, writeback: tuple[int, int] | None = None) -> None:
+    """A piece's bytes at `at` of `fd` (on a write-behind thread), then writeback started: of the piece, or of
+    `writeback` (offset, bytes) for a gather buffer."""
     with named_os_errors(path):
-        piece.write_to(fd, at) if type(piece) is FileRows else pwrite_all(fd, piece, at)
-    start_writeback(fd, at, nbytes)
+        if type(piece) is memoryview:
+            pwrite_view(fd, piece, at)
+        elif type(piece) is FileRows:
+            piece.write_to(fd, at)
+        else:
+            pwrite_all(fd, piece, at)
+    if writeback is None:
+        start_writeback(fd, at, nbytes)
+    elif writeback[1]:
+        start_writeback(fd, *writeback)
 
 
 class GatherFile:
-    """A file written front to back, its small pieces gathered in one reused buffer and written with one pwrite when
-    it is full; pieces of at least BUFFER bytes are written behind, in order, by the file's own thread, at the offsets
-    they were given (file to file with copy_file_range for `FileRows`, from memory otherwise). The rank files' zip
-    records (`megatron_io`) and torch_dist's `.distcp` blobs are written through it. Why:
+    """A file written front to back: small pieces are gathered in a buffer, and a full buffer, like every piece of at
+    least BUFFER bytes, is written behind, in order, by the file's own thread, at the offsets they were given (file
+    to file with copy_file_range for `FileRows`, from memory otherwise), while the next buffer fills. The rank files'
+    zip records (`megatron_io`) and torch_dist's `.distcp` blobs are written through it. Why:
     * at the real tensor count a file holds ~25k records whose bytes, at small widths, are a few KB each, and a
       syscall or two per piece was the cost;
     * at the real widths the pieces are MBs, and the one thread of a unit (one PP stage x EP rank: all of TP=4's four
@@ -263,52 +272,77 @@ class GatherFile:
       11.85 GB), one kernel copy at a time; with a thread per file the files are written at once while the unit's
       thread reads and splits. One thread per file, not a shared pool: several threads writing one file serialise
       on its inode lock and spin there (same device, TP=2: 2 / 4 / 8 / 16 pool threads, system CPU 9.6 / 11.9 /
-      18.8 / 23.1 s, no faster).
+      18.8 / 23.1 s, no faster);
+    * at small widths (1/8: every expert piece is under 1 MiB) all the bytes pass through the gather buffers, and
+      the unit's thread spent 35% of its time in their pwrites (py-spy, same device, TP=2, 6.8 GB), so full buffers
+      are written behind too (BUFFERS of them per file, reused).
     A piece written behind keeps its tensor (or the source descriptor of its `FileRows`) alive until written; at
-    most IN_FLIGHT bytes are pending per file. `close` waits for them, and so does `abandon`, before the descriptor
-    is closed (its number could otherwise be reused while a write is pending). `tmp` None: a dry run's file, which
-    only counts (no descriptor)."""
+    most IN_FLIGHT bytes are pending per file, gather buffers included. `close` waits for them, and so does
+    `abandon`, before the descriptor is closed (its number could otherwise be reused while a write is pending).
+    `tmp` None: a dry run's file, which only counts (no descriptor)."""
 
-    # (the buffer is allocated once: fresh pages fault on first touch, which is slow on these virtual machines.)
-    # FileRows below it are read into it: per record, fsync included, 2-core machine: pread 43 / 146 / 654 us vs
-    # copy_file_range 65 / 222 / 928 us for 2.5 / 40 / 256 KB
+    # (buffers are allocated once per file and reused: fresh pages fault on first touch, which is slow on these
+    # virtual machines.) FileRows below BUFFER are read into one: per record, fsync included, 2-core machine:
+    # pread 43 / 146 / 654 us vs copy_file_range 65 / 222 / 928 us for 2.5 / 40 / 256 KB
     BUFFER = 1 << 20
+    BUFFERS = 4  # gather buffers per file: one filling, the others being written behind
     IN_FLIGHT = 64 << 20  # pending write-behind bytes per file (memory held by pending tensors is at most this)
     __slots__ = ("path", "fd", "buf", "view", "n", "at", "_addr", "_written_back", "_gathered", "_pending",
-                 "_in_flight", "_lane")
+                 "_in_flight", "_lane", "_free", "_made")
 
     def __init__(self, tmp: Path | None, path: Path | None = None):
         self.path = path or tmp  # (errors name the final name: the temporary one is ours)
         self.fd = -1
-        self._pending: deque = deque()  # (future, bytes) of pieces written behind, oldest first
+        self._pending: deque = deque()  # (future, bytes, gather buffer or None) written behind, oldest first
         self._in_flight = 0
-        self._lane: ThreadPoolExecutor | None = None  # the thread that writes this file's large pieces
+        self._lane: ThreadPoolExecutor | None = None  # the thread that writes this file's buffers and large pieces
         if tmp is not None:
             with named_os_errors(self.path):
                 self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
-        self.buf = bytearray(self.BUFFER)
-        self.view = memoryview(self.buf)
-        self._addr = ctypes.addressof(ctypes.c_char.from_buffer(self.buf))
+        self._free: list = []  # gather buffers whose writes are done
+        self._made = 1
+        self.buf, self.view, self._addr = self._new_buffer()
         self.n = 0  # bytes gathered in buf
         self.at = 0  # file offset of buf[0]
         self._written_back = 0  # where the gathered bytes' last writeback ended
-        self._gathered = 0  # bytes flushed from the buffer since
+        self._gathered = 0  # bytes flushed from the buffers since
+
+    def _new_buffer(self) -> tuple:
+        buf = bytearray(self.BUFFER)
+        return buf, memoryview(buf), ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
     @property
     def pos(self) -> int:
         """Bytes put so far (the file's size once closed)."""
         return self.at + self.n
 
+    def _submit(self, piece, at: int, nbytes: int, buffer: tuple | None = None, writeback=None) -> None:
+        """`piece` written behind at `at` (waits first while IN_FLIGHT bytes are pending)."""
+        while self._pending and self._in_flight + nbytes > self.IN_FLIGHT:
+            self._reap()
+        if self._lane is None:
+            self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-write")
+        self._pending.append((self._lane.submit(_place, self.fd, self.path, piece, at, nbytes, writeback), nbytes,
+                              buffer))
+        self._in_flight += nbytes
+
     def _flush(self) -> None:
+        """The gathered bytes written behind; gathering goes on in a free buffer."""
         if self.n and self.fd >= 0:
-            with named_os_errors(self.path):
-                pwrite_view(self.fd, self.view[:self.n], self.at)
+            self._gathered += self.n
+            writeback = (0, 0)
+            if self._gathered >= WRITEBACK_BYTES:  # (pieces written behind start their own)
+                writeback = (self._written_back, self.at + self.n - self._written_back)
+                self._written_back, self._gathered = self.at + self.n, 0
+            self._submit(self.view[:self.n], self.at, self.n, (self.buf, self.view, self._addr), writeback)
+            if not self._free and self._made < self.BUFFERS:
+                self._made += 1
+                self._free.append(self._new_buffer())
+            while not self._free:
+                self._reap()
+            self.buf, self.view, self._addr = self._free.pop()
         self.at += self.n
-        self._gathered += self.n
         self.n = 0
-        if self._gathered >= WRITEBACK_BYTES and self.fd >= 0:  # (pieces written behind start their own)
-            start_writeback(self.fd, self._written_back, self.at - self._written_back)
-            self._written_back, self._gathered = self.at, 0
 
     def _room(self, m: int) -> int:
         """Where `m` (<= BUFFER) bytes go in the buffer, flushed first if they do not fit."""
@@ -342,19 +376,16 @@ class GatherFile:
             self.n = at + nbytes
         else:
             self._flush()
-            while self._pending and self._in_flight + nbytes > self.IN_FLIGHT:
-                self._reap()
-            if self._lane is None:
-                self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-write")
-            self._pending.append((self._lane.submit(_place, self.fd, self.path, tensor, self.at, nbytes), nbytes))
-            self._in_flight += nbytes
+            self._submit(tensor, self.at, nbytes)
             self.at += nbytes
 
     def _reap(self) -> None:
         """Wait for the oldest piece written behind (its error, if any, is raised here)."""
-        fut, nbytes = self._pending.popleft()
+        fut, nbytes, buffer = self._pending.popleft()
         self._in_flight -= nbytes
         fut.result()
+        if buffer is not None:
+            self._free.append(buffer)
 
     def close(self) -> None:
         """Write what is gathered, wait for what is written behind, fsync (a file under its final name is on the
@@ -372,7 +403,7 @@ class GatherFile:
     def abandon(self) -> None:
         """Close the descriptor once no write is pending on it (errors of abandoned writes are dropped)."""
         if self._pending:
-            wait([f for f, _ in self._pending])
+            wait([f for f, *_ in self._pending])
             self._pending.clear()
             self._in_flight = 0
         if self._lane is not None:

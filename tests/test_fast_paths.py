@@ -210,6 +210,43 @@ def test_gather_file_writes_behind_in_place_and_reports_errors(tmp_path, monkeyp
     with pytest.raises(OSError) as e:
         bad.close()
     assert str(tmp_path / "b") in str(e.value) and bad.fd == -1
+
+
+def test_gather_file_writes_full_buffers_behind_in_order_and_reports_errors(tmp_path, monkeypatch):
+    """Small pieces only, many buffers' worth: each full buffer is written behind while the next fills, buffers are
+    reused (at most BUFFERS of them, waiting on IN_FLIGHT), and the file is the pieces in order; a failed buffer
+    write is raised by `close`, naming the file, with no descriptor left open."""
+    import errno
+
+    from stepconv import hf_io
+    from stepconv.hf_io import GatherFile
+
+    monkeypatch.setattr(GatherFile, "IN_FLIGHT", 2 * GatherFile.BUFFER)
+    g = GatherFile(tmp_path / "a.tmp", tmp_path / "a")
+    want = bytearray()
+    gen = torch.Generator().manual_seed(1)
+    while len(want) < 12 * GatherFile.BUFFER:
+        n = int(torch.randint(1, 300_000, (1,), generator=gen))
+        t = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=gen)
+        piece = t[::2] if n % 3 == 0 else t  # (a strided view is gathered too)
+        g.put_data(piece, piece.numel())
+        want += piece.numpy().tobytes()
+        g.put(b"|%d|" % n)
+        want += b"|%d|" % n
+    assert g._made <= GatherFile.BUFFERS and g.pos == len(want)
+    g.close()
+    assert (tmp_path / "a.tmp").read_bytes() == bytes(want) and g.fd == -1
+
+    def full(fd, view, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    bad = GatherFile(tmp_path / "b.tmp", tmp_path / "b")
+    monkeypatch.setattr(hf_io, "pwrite_view", full)
+    for _ in range(3):
+        bad.put_data(torch.zeros(GatherFile.BUFFER - 10, dtype=torch.uint8), GatherFile.BUFFER - 10)
+    with pytest.raises(OSError) as e:
+        bad.close()
+    assert str(tmp_path / "b") in str(e.value) and "No space" in str(e.value) and bad.fd == -1
 def _writer_case(tmp_path):
     """Tensors of one safetensors file and the chunks that fill it: a stack of small expert slices (tensors, strided
     tensors, `FileRows` of several pieces), small whole tensors, and one tensor larger than the gathering limit."""
