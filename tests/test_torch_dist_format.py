@@ -71,6 +71,18 @@ def test_keys_are_global_and_the_gate_is_split(tmp_path, fixture_dir):
     assert sorted(tuple(c.offsets)[0] for c in chunks) == list(range(16))  # one chunk per expert
 
 
+def test_the_index_is_the_same_whatever_order_the_units_run_in(tmp_path, fixture_dir, monkeypatch):
+    """`.metadata` lists tensors and chunks in the units' planned order, not in the order they finished."""
+    from stepconv.torch_dist import TorchDistWriter
+
+    hf_to_mcore(fixture_dir, tmp_path / "a", tp=2, ep=2, format="torch_dist", jobs=1)
+    planned = TorchDistWriter.units
+    monkeypatch.setattr(TorchDistWriter, "units", lambda self, entries: planned(self, entries)[::-1])
+    hf_to_mcore(fixture_dir, tmp_path / "b", tp=2, ep=2, format="torch_dist", jobs=1)
+    a, b = ((tmp_path / x / "release" / ".metadata").read_bytes() for x in "ab")
+    assert a == b and len(read_index(tmp_path / "a" / "release").storage_data) > 100
+
+
 def test_legacy_torch_dist_legacy_is_byte_identical(tmp_path, fixture_dir, fixture_tensors):
     """SRC -> DST -> SRC' (reshard between formats and layouts): SRC' rank files are byte for byte SRC's."""
     a, d, b, c = tmp_path / "a", tmp_path / "d", tmp_path / "b", tmp_path / "c"
