@@ -94,7 +94,7 @@ def mcore_to_hf_cmd(
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB, 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Tensors merged and written at once, each on its own "
-                                                                  "thread [default: CPU count]."),
+                                                                  "thread [default: CPU count, at most 4]."),
     dtype: str = typer.Option("source", "--dtype", help="HF dtype of the output: source (each tensor's original dtype as "
                                                          "hf-to-mcore recorded it, else config.json's torch_dtype), "
                                                          "bf16, fp16 or fp32 (e.g. fp32 after training in fp32; the "
