@@ -27,7 +27,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Protocol, Sequence
+from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -67,12 +67,14 @@ class Unit:
 
 @dataclass(frozen=True)
 class FileStat:
-    """One written file: its size, the tensor bytes in it, its tensors and keys (`_extra_state` included)."""
+    """One written file: its size, the tensor bytes in it, its tensors and keys (`_extra_state` included), and the
+    block CRCs its writer folded in (`safety.BlockCrcs`, rank files; for the resume journal's digest)."""
 
     bytes: int
     data_bytes: int
     tensors: int
     keys: int
+    crcs: Any = field(default=None, compare=False, repr=False)
 
 
 @dataclass

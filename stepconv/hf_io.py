@@ -19,6 +19,7 @@ import struct
 import threading
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor, wait
+from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -29,8 +30,8 @@ import torch
 from . import buffers
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
 from .engine import READ_AHEAD_BYTES
-from .safety import (WRITEBACK_BYTES, named_os_error, named_os_errors, parse_json, read_json, regular_file,
-                     start_writeback, validate_safetensors_header)
+from .safety import (WRITEBACK_BYTES, BlockCrcs, named_os_error, named_os_errors, parse_json, read_json,
+                     regular_file, start_writeback, validate_safetensors_header)
 
 DTYPE_SIZES = {name: dt.itemsize for name, dt in SAFETENSORS_DTYPES.items()}
 
@@ -244,9 +245,10 @@ class FileRows:
                 offset += pwrite_all(fd, p, offset)
 
 
-def _place(fd: int, path: Path, piece, at: int, nbytes: int, writeback: tuple[int, int] | None = None) -> None:
+def _place(fd: int, path: Path, piece, at: int, nbytes: int, writeback: tuple[int, int] | None = None,
+           check=None) -> None:
     """A piece's bytes at `at` of `fd` (on a write-behind thread), then writeback started: of the piece, or of
-    `writeback` (offset, bytes) for a gather buffer."""
+    `writeback` (offset, bytes) for a gather buffer; then `check(at, nbytes)` (the file's digest) if given."""
     with named_os_errors(path):
         if type(piece) is memoryview:
             pwrite_view(fd, piece, at)
@@ -258,6 +260,8 @@ def _place(fd: int, path: Path, piece, at: int, nbytes: int, writeback: tuple[in
         start_writeback(fd, at, nbytes)
     elif writeback[1]:
         start_writeback(fd, *writeback)
+    if check is not None:
+        check(at, nbytes)
 
 
 class GatherFile:
@@ -279,7 +283,9 @@ class GatherFile:
     A piece written behind keeps its tensor (or the source descriptor of its `FileRows`) alive until written; at
     most IN_FLIGHT bytes are pending per file, gather buffers included. `close` waits for them, and so does
     `abandon`, before the descriptor is closed (its number could otherwise be reused while a write is pending).
-    `tmp` None: a dry run's file, which only counts (no descriptor)."""
+    `digest`: the file's `safety.BlockCrcs` (`crcs`) are folded in as it is written, each written range reread on a
+    third thread of the file's, for the resume journal (which otherwise rereads the whole file at the end of the
+    unit). `tmp` None: a dry run's file, which only counts (no descriptor)."""
 
     # (buffers are allocated once per file and reused: fresh pages fault on first touch, which is slow on these
     # virtual machines.) FileRows below BUFFER are read into one: per record, fsync included, 2-core machine:
@@ -288,17 +294,24 @@ class GatherFile:
     BUFFERS = 4  # gather buffers per file: one filling, the others being written behind
     IN_FLIGHT = 64 << 20  # pending write-behind bytes per file (memory held by pending tensors is at most this)
     __slots__ = ("path", "fd", "buf", "view", "n", "at", "_addr", "_written_back", "_gathered", "_pending",
-                 "_in_flight", "_lane", "_free", "_made")
+                 "_in_flight", "_lane", "_free", "_made", "crcs", "_check", "_checker")
 
-    def __init__(self, tmp: Path | None, path: Path | None = None):
+    def __init__(self, tmp: Path | None, path: Path | None = None, *, digest: bool = False):
         self.path = path or tmp  # (errors name the final name: the temporary one is ours)
         self.fd = -1
         self._pending: deque = deque()  # (future, bytes, gather buffer or None) written behind, oldest first
         self._in_flight = 0
         self._lane: ThreadPoolExecutor | None = None  # the thread that writes this file's buffers and large pieces
+        self.crcs: BlockCrcs | None = None
+        self._check = self._checker = None  # the digest's thread; what the writing thread calls after a write
         if tmp is not None:
-            with named_os_errors(self.path):
-                self.fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            with named_os_errors(self.path):  # (read too: the digest rereads what was written)
+                mode = os.O_RDWR if digest else os.O_WRONLY
+                self.fd = os.open(tmp, mode | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            if digest:
+                self.crcs = BlockCrcs(self.fd, self.path)
+                self._check = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-digest")
+                self._checker = partial(self._check.submit, self.crcs.fold)
         self._free: list = []  # gather buffers whose writes are done
         self._made = 1
         self.buf, self.view, self._addr = self._new_buffer()
@@ -322,8 +335,8 @@ class GatherFile:
             self._reap()
         if self._lane is None:
             self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-write")
-        self._pending.append((self._lane.submit(_place, self.fd, self.path, piece, at, nbytes, writeback), nbytes,
-                              buffer))
+        self._pending.append((self._lane.submit(_place, self.fd, self.path, piece, at, nbytes, writeback,
+                                                self._checker), nbytes, buffer))
         self._in_flight += nbytes
 
     def _flush(self) -> None:
@@ -353,9 +366,8 @@ class GatherFile:
     def put(self, b: bytes) -> None:
         if len(b) > self.BUFFER:
             self._flush()
-            if self.fd >= 0:
-                with named_os_errors(self.path):
-                    pwrite_view(self.fd, memoryview(b), self.at)
+            if self.fd >= 0:  # (behind too, after what is pending: the digest folds the file in order)
+                self._submit(memoryview(b), self.at, len(b))
             self.at += len(b)
             return
         at = self._room(len(b))
@@ -409,6 +421,9 @@ class GatherFile:
         if self._lane is not None:
             self._lane.shutdown()
             self._lane = None
+        if self._check is not None:  # (its rereads done before the descriptor is closed)
+            self._check.shutdown()
+            self._check = self._checker = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

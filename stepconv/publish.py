@@ -173,7 +173,7 @@ class Journal:
         self.done = done if isinstance(done, dict) else {}
 
     def complete(self, unit, consumed: Counter, result) -> None:
-        files = {rel: {"bytes": st.bytes, "digest": file_digest(self.path.parent / rel)}
+        files = {rel: {"bytes": st.bytes, "digest": file_digest(self.path.parent / rel, st.crcs)}
                  for rel, st in result.files.items()}
         with self.lock:
             self.done[unit.name] = {"outputs": unit.outputs, "consumed": dict(consumed), "files": files}

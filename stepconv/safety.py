@@ -10,6 +10,7 @@ writes through it, so a full disk is a Python error, not an abort), `fsync_dir`,
 from __future__ import annotations
 
 import ctypes
+import errno
 import hashlib
 import json
 import math
@@ -294,35 +295,89 @@ def fsync_tree(root: Path) -> None:
 DIGEST_BLOCK = 64 << 20  # a rank file's digest: one CRC-32 per block, blocks on several threads
 
 
-def file_digest(path: Path) -> str:
+def file_digest(path: Path, crcs: "BlockCrcs | None" = None) -> str:
     """What a journal records of a finished file, for `--resume` to check a reused file against.
 
     A rank file (zip archive): its directory of record names and sizes plus a CRC-32 of every 64 MiB block of the
     file. Rank files are written without torch's per-record CRC-32 (issue 11: its miniz CRC ran at ~300 MB/s and was
-    half the import's CPU), so the record CRCs are 0 and the archive itself cannot vouch for its bytes. zlib's
-    CRC-32 runs at ~3 GB/s a core here, from the page cache, outside the GIL; but over every byte of every rank
-    file, on the unit's own thread, it added whole seconds at the end of a unit (12 GB of rank files at real width:
-    ~4 s), so the blocks are summed on up to the CPU count of threads (`_block_crcs`). The directory is read in one
-    pass where torch laid the archive out (`torch_zip.central_directory`): `zipfile`'s walk took ~0.24 s per
-    24.7k-record rank file at the end of each unit (2-core machine).
+    half the import's CPU), so the record CRCs are 0 and the archive itself cannot vouch for its bytes. The writer
+    folds the blocks in as it writes (`crcs`, a `BlockCrcs` of the whole file: each range reread just after it was
+    written, on a thread of its own); without them every block is reread here, on up to the CPU count of threads
+    (`_block_crcs`), which at the end of a unit cost whole seconds: 8.1 of a 28 s TP=2 run at real width on the
+    2-core machine (11.85 GB, the output's pages partly evicted by then). The directory is read in one pass where
+    torch laid the archive out (`torch_zip.central_directory`).
     Any other file (the MTP-head sidecar, torch_dist data: rereading them would double the I/O): size and mtime."""
     if path.suffix == ".pt":
         from .torch_zip import central_directory  # (torch_zip imports torch)
 
         try:
-            records = central_directory(path, os.stat(path).st_size)
+            size = os.stat(path).st_size
+            records = central_directory(path, size)
             if records is None:
                 with zipfile.ZipFile(path) as z:
                     records = [(i.filename, 0, i.file_size) for i in z.infolist()]
             d = hashlib.sha256()
-            for name, _, size in records:
-                d.update(f"{name}:{size};".encode())
-            crcs = _block_crcs(path)
-            return f"zipdir:{d.hexdigest()}:crc32x64M:{hashlib.sha256(b''.join(crcs)).hexdigest()}"
+            for name, _, n in records:
+                d.update(f"{name}:{n};".encode())
+            blocks = crcs.blocks() if crcs is not None and crcs.covers(size) else _block_crcs(path)
+            return f"zipdir:{d.hexdigest()}:crc32x64M:{hashlib.sha256(b''.join(blocks)).hexdigest()}"
         except (zipfile.BadZipFile, OSError, ValueError):
             return "unreadable"
     st = os.stat(path)
     return f"stat:{st.st_size}:{st.st_mtime_ns}"
+
+
+def _crc_range(fd: int, buf: memoryview, pos: int, end: int, crc: int, path) -> int:
+    """`crc` continued over bytes [pos, end) of `fd`, read with pread into `buf`."""
+    while pos < end:
+        got = os.preadv(fd, [buf[:min(len(buf), end - pos)]], pos)
+        if got <= 0:
+            raise OSError(errno.EIO, f"{path}: truncated while reading")
+        crc = zlib.crc32(buf[:got], crc)
+        pos += got
+    return crc
+
+
+class BlockCrcs:
+    """`file_digest`'s block CRC-32s of a file being written front to back, folded in range by range as each is
+    written (`fold`, called in file order), by rereading the range from `fd` (just written: from the page cache).
+    A range out of order, or a failed read, leaves it incomplete: `covers` is then False and `file_digest` rereads
+    the whole file, as before."""
+
+    __slots__ = ("fd", "path", "done", "crc", "pos", "buf", "broken")
+
+    def __init__(self, fd: int, path):
+        self.fd, self.path = fd, path
+        self.done: list[bytes] = []  # the complete blocks' CRCs
+        self.crc = self.pos = 0  # the current block's CRC so far; bytes folded
+        self.buf: memoryview | None = None
+        self.broken = False
+
+    def fold(self, at: int, nbytes: int) -> None:
+        if self.broken or at != self.pos:
+            self.broken = True
+            return
+        if self.buf is None:
+            self.buf = memoryview(bytearray(4 << 20))
+        try:
+            pos, end = at, at + nbytes
+            while pos < end:
+                stop = min(end, (pos // DIGEST_BLOCK + 1) * DIGEST_BLOCK)
+                self.crc = _crc_range(self.fd, self.buf, pos, stop, self.crc, self.path)
+                pos = stop
+                if pos % DIGEST_BLOCK == 0:
+                    self.done.append(self.crc.to_bytes(4, "little"))
+                    self.crc = 0
+            self.pos = end
+        except OSError:
+            self.broken = True
+
+    def covers(self, size: int) -> bool:
+        """Were all of a `size`-byte file's bytes folded in?"""
+        return not self.broken and self.pos == size
+
+    def blocks(self) -> list[bytes]:
+        return self.done + ([self.crc.to_bytes(4, "little")] if self.pos % DIGEST_BLOCK else [])
 
 
 def _block_crcs(path: Path) -> list[bytes]:
@@ -338,14 +393,7 @@ def _block_crcs(path: Path) -> list[bytes]:
         def block(start: int) -> bytes:
             if not hasattr(local, "buf"):
                 local.buf = memoryview(bytearray(4 << 20))
-            crc, pos, end = 0, start, min(start + DIGEST_BLOCK, size)
-            while pos < end:
-                got = os.preadv(fd, [local.buf[:min(len(local.buf), end - pos)]], pos)
-                if got <= 0:
-                    raise OSError(f"{path}: truncated while reading")
-                crc = zlib.crc32(local.buf[:got], crc)
-                pos += got
-            return crc.to_bytes(4, "little")
+            return _crc_range(fd, local.buf, start, min(start + DIGEST_BLOCK, size), 0, path).to_bytes(4, "little")
 
         starts = range(0, size, DIGEST_BLOCK)
         if len(starts) <= 1:

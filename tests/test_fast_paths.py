@@ -247,6 +247,52 @@ def test_gather_file_writes_full_buffers_behind_in_order_and_reports_errors(tmp_
     with pytest.raises(OSError) as e:
         bad.close()
     assert str(tmp_path / "b") in str(e.value) and "No space" in str(e.value) and bad.fd == -1
+def test_gather_file_digest_is_the_whole_file_reread(tmp_path, monkeypatch):
+    """The block CRCs a GatherFile folds in while writing (small pieces gathered, large pieces and `FileRows`
+    written behind, blocks smaller than many pieces) are exactly `file_digest`'s full reread; a byte changed
+    afterwards changes the digest; ranges folded out of order leave them incomplete, and the reread decides."""
+    from stepconv import safety
+    from stepconv.hf_io import GatherFile
+
+    monkeypatch.setattr(safety, "DIGEST_BLOCK", 100_003)  # (a prime: boundaries fall inside pieces)
+    g = GatherFile(tmp_path / "a.pt", tmp_path / "a.pt", digest=True)
+    gen = torch.Generator().manual_seed(2)
+    for i in range(10):
+        g.put(b"head%d" % i)
+        small = torch.randint(0, 255, (30_000 + 7 * i,), dtype=torch.uint8, generator=gen)
+        g.put_data(small, small.numel())
+        big = torch.randint(0, 255, (GatherFile.BUFFER + 999 * i,), dtype=torch.uint8, generator=gen)
+        g.put_data(_file_rows(tmp_path / f"src{i}", big) if i % 2 else big, big.numel())
+    g.put(bytes(GatherFile.BUFFER + 5))  # (a large `put`, written behind in order too)
+    g.close()
+    path, size = tmp_path / "a.pt", (tmp_path / "a.pt").stat().st_size
+    assert g.crcs.covers(size) and len(g.crcs.blocks()) == -(-size // 100_003)
+    assert g.crcs.blocks() == safety._block_crcs(path)
+    data = bytearray(path.read_bytes())
+    data[size // 2] ^= 1
+    path.write_bytes(bytes(data))
+    assert g.crcs.blocks() != safety._block_crcs(path)
+
+    w = RankFileWriter(tmp_path / "r" / "model_optim_rng.pt", digest=True)  # a rank file: the journal's digest
+    for i in range(6):
+        w.add(f"w{i}", torch.randn(300 + 200_000 * (i % 2), generator=gen))
+    w.finish(__import__("argparse").Namespace(tensor_model_parallel_size=1))
+    written = safety.file_digest(w.path, w.crcs)
+    assert written.startswith("zipdir:") and written == safety.file_digest(w.path)
+    data = bytearray(w.path.read_bytes())
+    data[len(data) // 2] ^= 1
+    w.path.write_bytes(bytes(data))
+    assert safety.file_digest(w.path) != written
+
+    c = safety.BlockCrcs(os.open(path, os.O_RDONLY), path)
+    try:
+        c.fold(0, 1000)
+        c.fold(2000, 1000)  # (a gap)
+        assert not c.covers(3000) and not c.covers(size)
+    finally:
+        os.close(c.fd)
+
+
 def _writer_case(tmp_path):
     """Tensors of one safetensors file and the chunks that fill it: a stack of small expert slices (tensors, strided
     tensors, `FileRows` of several pieces), small whole tensors, and one tensor larger than the gathering limit."""
