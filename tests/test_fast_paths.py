@@ -214,8 +214,9 @@ def test_gather_file_writes_behind_in_place_and_reports_errors(tmp_path, monkeyp
 
 def test_gather_file_writes_full_buffers_behind_in_order_and_reports_errors(tmp_path, monkeypatch):
     """Small pieces only, many buffers' worth: each full buffer is written behind while the next fills, buffers are
-    reused (at most BUFFERS of them, waiting on IN_FLIGHT), and the file is the pieces in order; a failed buffer
-    write is raised by `close`, naming the file, with no descriptor left open."""
+    reused (at most BUFFERS of them, waiting on IN_FLIGHT), and the file is the pieces (tensors, strided views, rows
+    of a source file) in order; a failed buffer write is raised by `close`, naming the file, with no descriptor left
+    open."""
     import errno
 
     from stepconv import hf_io
@@ -229,8 +230,10 @@ def test_gather_file_writes_full_buffers_behind_in_order_and_reports_errors(tmp_
         n = int(torch.randint(1, 300_000, (1,), generator=gen))
         t = torch.randint(0, 255, (n,), dtype=torch.uint8, generator=gen)
         piece = t[::2] if n % 3 == 0 else t  # (a strided view is gathered too)
-        g.put_data(piece, piece.numel())
         want += piece.numpy().tobytes()
+        if n % 3 == 1:  # (and rows of a source file)
+            piece = _file_rows(tmp_path / f"src{len(want)}", piece)
+        g.put_data(piece, piece.numel())
         g.put(b"|%d|" % n)
         want += b"|%d|" % n
     assert g._made <= GatherFile.BUFFERS and g.pos == len(want)
