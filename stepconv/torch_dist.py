@@ -48,6 +48,11 @@ METADATA_JSON = "metadata.json"
 COMMON = "common.pt"
 DCP_INDEX = ".metadata"
 CHUNK_BYTES = 256 << 20  # largest chunk written: the 1 GB vocab matrices go in row blocks, so reads stay bounded
+# a data file holds a layer's tensors up to about this many elements (2 GiB of bf16), then the next part begins:
+# each file is written by one thread (`hf_io.GatherFile`), and one real-width MoE layer is ~9 GB, so with a file per
+# layer that thread bounded a run (2-core machine, real width, 2 layers: one file's thread busy 31 of the run's
+# 33 s, copy_file_range 63% of it, while the other threads waited)
+PART_ELEMENTS = 1 << 30
 MEGATRON_METADATA = {"sharded_backend": "torch_dist", "sharded_backend_version": 1, "common_backend": "torch",
                      "common_backend_version": 1}
 CONTENT_METADATA = {"singleton_local_shards": False, "chained_optim_avoid_prefix": True}
@@ -144,12 +149,24 @@ class TorchDistWriter:
         self.storage: dict[dcp_md.MetadataIndex, _StorageInfo] = {}
 
     def units(self, entries: list[Entry]) -> list[Unit]:
-        """One unit, and one data file, per decoder layer (and one for the embedding and the head)."""
+        """One unit, and one data file, per decoder layer (and one for the embedding and the head), a layer's cut
+        in parts of about PART_ELEMENTS elements (`__<layer>_<part>.distcp`), in plan order."""
         groups: dict[Any, list[Entry]] = {}
         for e in entries:
             if e.kind.megatron and not e.replica and e.kind is not EXTRA:
                 groups.setdefault(e.layer if e.layer is not None else -1, []).append(e)
-        units = [Unit(f"chunks {n}", es, [f"release/__{n}_0.distcp"]) for n, es in enumerate(groups.values())]
+        units = []
+        for n, es in enumerate(groups.values()):
+            parts, size = [[]], 0
+            for e in es:
+                elements = sum(math.prod(s) for s in e.source_shapes)
+                if parts[-1] and size + elements > PART_ELEMENTS:
+                    parts.append([])
+                    size = 0
+                parts[-1].append(e)
+                size += elements
+            units += [Unit(f"chunks {n}" + (f".{k}" if k else ""), part, [f"release/__{n}_{k}.distcp"])
+                      for k, part in enumerate(parts)]
         self._order = [u.name for u in units]
         return units + heads_units(entries)
 

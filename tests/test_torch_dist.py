@@ -178,6 +178,21 @@ def test_megatron_loads_it_at_default_strictness(tmp_path, tp, pp, ep):
 
 
 @pytest.mark.slow
+def test_megatron_loads_layers_cut_in_parts(tmp_path, monkeypatch):
+    """A layer's tensors in several data files (`PART_ELEMENTS`, here tiny) load into megatron-core's model."""
+    from stepconv import torch_dist
+
+    hf, cfg = _fixture(tmp_path)
+    monkeypatch.setattr(torch_dist, "PART_ELEMENTS", 20_000)
+    out = tmp_path / "m"
+    hf_to_mcore(hf, out, tp=2, spec="local", format="torch_dist")
+    assert (out / "release" / "__3_2.distcp").exists()
+    legacy = _legacy(hf, tmp_path / "legacy", 2, 1, 1)
+    loaded = megatron_truth.load_with_megatron(out / "release", hf, 2, 1, 1)
+    _assert_loaded_is_legacy(loaded, legacy, cfg, 2, 1, 1)
+
+
+@pytest.mark.slow
 def test_megatron_saved_checkpoint_exports_bit_exact(tmp_path):
     hf, cfg = _fixture(tmp_path)
     legacy = _legacy(hf, tmp_path / "legacy", 2, 1, 1)

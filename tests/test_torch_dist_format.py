@@ -71,6 +71,22 @@ def test_keys_are_global_and_the_gate_is_split(tmp_path, fixture_dir):
     assert sorted(tuple(c.offsets)[0] for c in chunks) == list(range(16))  # one chunk per expert
 
 
+def test_layers_cut_in_parts_round_trip_and_inspect_predicts_them(tmp_path, fixture_dir, fixture_tensors,
+                                                                   monkeypatch):
+    from stepconv import torch_dist
+
+    monkeypatch.setattr(torch_dist, "PART_ELEMENTS", 20_000)
+    m, h = tmp_path / "m", tmp_path / "h"
+    hf_to_mcore(fixture_dir, m, tp=2, ep=2, format="torch_dist")
+    written = {p.name: p.stat().st_size for p in (m / "release").iterdir()}
+    assert {"__3_0.distcp", "__3_1.distcp", "__3_2.distcp"} <= set(written)
+    assert all(n < 3 * 20_000 * 4 for k, n in written.items() if k.startswith("__3_"))
+    r = inspect_path(fixture_dir, tp=2, ep=2, format="torch_dist")
+    assert {f.name.split("/")[-1]: f.bytes for f in r.dist_files} == written
+    mcore_to_hf(m, h)
+    assert_hf_equal(h, fixture_tensors)
+
+
 def test_the_index_is_the_same_whatever_order_the_units_run_in(tmp_path, fixture_dir, monkeypatch):
     """`.metadata` lists tensors and chunks in the units' planned order, not in the order they finished."""
     from stepconv.torch_dist import TorchDistWriter
