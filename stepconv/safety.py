@@ -358,7 +358,7 @@ class BlockCrcs:
             self.broken = True
             return
         if self.buf is None:
-            self.buf = memoryview(bytearray(4 << 20))
+            self.buf = memoryview(bytearray(1 << 20))  # (one per file being written: kept small)
         try:
             pos, end = at, at + nbytes
             while pos < end:
