@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy
 import torch
@@ -175,17 +175,20 @@ class FileRows:
             fd, off, _ = pieces[0]
             out = [(fd, off + start, stop - start)] if stop > start else []
         else:
-            out, pos = [], 0
-            for p in pieces:
-                n = p[2] if isinstance(p, tuple) else p.numel() * p.element_size()
-                a, b = max(start, pos), min(stop, pos + n)
-                if a < b:
-                    if isinstance(p, tuple):
-                        out.append((p[0], p[1] + a - pos, b - a))
-                    else:
-                        out.append(p[(a - pos) // rb:(b - pos) // rb])
-                pos += n
+            out = [(p[0], p[1] + a, n) if type(p) is tuple else p[a // rb:(a + n) // rb]
+                   for p, a, n, _ in self.spans(start, stop)]
         return FileRows((hi - lo, *self.shape[1:]), self.dtype, out)
+
+    def spans(self, start: int, stop: int) -> Iterator[tuple]:
+        """(piece, first byte of it, bytes, where they begin in [start, stop)) of each piece overlapping bytes
+        [start, stop) of these rows."""
+        pos = 0
+        for p in self.pieces:
+            n = p[2] if type(p) is tuple else p.numel() * p.element_size()
+            a, b = max(start, pos), min(stop, pos + n)
+            if a < b:
+                yield p, a - pos, b - a, a - start
+            pos += n
 
     @staticmethod
     def cat(parts: Sequence, shape: Sequence[int], dtype: torch.dtype) -> "FileRows":
@@ -245,17 +248,22 @@ class FileRows:
                 offset += pwrite_all(fd, p, offset)
 
 
+def write_piece(fd: int, piece, at: int) -> None:
+    """`piece` (bytes in a memoryview, a tensor, or `FileRows`: file to file) at `at` of `fd`."""
+    if type(piece) is memoryview:
+        pwrite_view(fd, piece, at)
+    elif type(piece) is FileRows:
+        piece.write_to(fd, at)
+    else:
+        pwrite_all(fd, piece, at)
+
+
 def _place(fd: int, path: Path, piece, at: int, nbytes: int, writeback: tuple[int, int] | None = None,
            check=None) -> None:
     """A piece's bytes at `at` of `fd` (on a write-behind thread), then writeback started: of the piece, or of
     `writeback` (offset, bytes) for a gather buffer; then `check(at, nbytes)` (the file's digest) if given."""
     with named_os_errors(path):
-        if type(piece) is memoryview:
-            pwrite_view(fd, piece, at)
-        elif type(piece) is FileRows:
-            piece.write_to(fd, at)
-        else:
-            pwrite_all(fd, piece, at)
+        write_piece(fd, piece, at)
     if writeback is None:
         start_writeback(fd, at, nbytes)
     elif writeback[1]:
@@ -601,18 +609,12 @@ def copy_bytes(chunk, lo: int, hi: int, dest: memoryview, dest_addr: int) -> Non
     """Bytes [lo, hi) of `chunk` (a tensor, or `FileRows`: its ranges read with preadv) into `dest` (bytes, at
     address `dest_addr`)."""
     if type(chunk) is FileRows:
-        pos = 0
-        for p in chunk.pieces:
-            n = p[2] if type(p) is tuple else p.numel() * p.element_size()
-            a, b = max(lo, pos), min(hi, pos + n)
-            if a < b:
-                at = a - lo
-                if type(p) is tuple:
-                    pread_into(p[0], dest[at:at + b - a], p[1] + a - pos, "source file")
-                else:
-                    t = buffers.contiguous(p)  # (held while its bytes are copied)
-                    ctypes.memmove(dest_addr + at, t.data_ptr() + a - pos, b - a)
-            pos += n
+        for p, a, n, at in chunk.spans(lo, hi):
+            if type(p) is tuple:
+                pread_into(p[0], dest[at:at + n], p[1] + a, "source file")
+            else:
+                t = buffers.contiguous(p)  # (held while its bytes are copied)
+                ctypes.memmove(dest_addr + at, t.data_ptr() + a, n)
     elif (lo == 0 and hi == chunk.numel() * chunk.element_size() and not chunk.is_contiguous()
           and chunk.element_size() in _SAME_SIZE_INT):
         # a strided view whole (an fc2 column slice): numpy gathers it into place, in fewer calls than torch's
@@ -691,10 +693,7 @@ class SafetensorsWriter:
                 if n < self.GATHER_BELOW:
                     self._gather(chunk, start, n)
                 else:
-                    if isinstance(chunk, FileRows):
-                        chunk.write_to(self.fd, start)
-                    else:
-                        pwrite_all(self.fd, chunk, start)
+                    write_piece(self.fd, chunk, start)
                     self._placed(start, n)
             except OSError as e:
                 raise named_os_error(e, self.path) from None

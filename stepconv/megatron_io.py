@@ -75,6 +75,8 @@ class _TorchRecords:
     """A rank file's records laid out by torch's own zip writer (through `_SlotFile`): the fallback when this torch's
     layout is not the one `torch_zip.ZipLayout` writes (`torch_zip.layout_matches_torch`)."""
 
+    crcs = None  # (torch's writer: the journal rereads the file for its digest)
+
     def __init__(self, path: Path, tmp: Path):
         self.path = path
         self._file = _SlotFile(tmp)
@@ -137,6 +139,10 @@ class _OwnRecords:
         out.put(head)
         out.put_data(tensor, nbytes)
         out.put(tail)
+
+    @property
+    def crcs(self):
+        return self.out.crcs
 
     def small(self, name: str, data: bytes) -> None:
         head, tail = self.zip.record(name, len(data))
@@ -215,8 +221,7 @@ class RankFileWriter:
     @property
     def crcs(self):
         """The finished file's `safety.BlockCrcs`, when they were folded in while writing; else None."""
-        out = getattr(self._out, "out", None)
-        return getattr(out, "crcs", None)
+        return self._out.crcs
 
 
 # what torch.save writes after data.pkl (`torch.serialization._save`), before its writer's own closing records
