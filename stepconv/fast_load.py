@@ -61,7 +61,8 @@ the confinement is in what the pickle can reach):
    Namespaces and lists; dicts are updated in place, tuples rebuilt, sharing kept. Anything else reachable (a
    storage marker outside a tensor, a stand-in callable, a value of another type) gives up.
 The archive: torch's own zip reader (`torch._C.PyTorchFileReader`) finds the records and their offsets, as
-torch.load does; a TorchScript archive (`constants.pkl`), a `byteorder` other than "little", a non-default load
+torch.load does, and their sizes (a torch whose reader cannot tell them, 2.11 for one: the zip's central directory,
+`torch_zip.central_directory`, where the archive is laid out as torch's writer lays it out); a TorchScript archive (`constants.pkl`), a `byteorder` other than "little", a non-default load
 endianness or a big-endian host give up.
 """
 
@@ -79,6 +80,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from .torch_zip import central_directory
 
 
 class GiveUp(Exception):
@@ -301,9 +304,10 @@ _LOCATION = re.compile(r"cpu|cuda(:\d+)?")
 class _Loader(pickle.Unpickler):
     """The C unpickler, reaching only our stand-ins (module docstring, point 2)."""
 
-    def __init__(self, data: bytes, reader, records: set[str]):
+    def __init__(self, data: bytes, reader, records: set[str], record_size):
         super().__init__(io.BytesIO(data), encoding="utf-8")  # (torch.load's default encoding)
         self.reader, self.records = reader, records  # torch's zip reader, its "data/<key>" record names
+        self.record_size = record_size  # record name -> bytes
         self.storages: dict[str, _Storage] = {}
 
     def find_class(self, module: str, name: str):
@@ -327,7 +331,7 @@ class _Loader(pickle.Unpickler):
                 raise GiveUp("storage reused with another dtype or size")
             return seen
         name = "data/" + key
-        if name not in self.records or self.reader.get_record_size(name) != nbytes:
+        if name not in self.records or self.record_size(name) != nbytes:
             raise GiveUp(f"storage {key!r} is not a record of {nbytes} bytes")
         st = self.storages[key] = _Storage((key, stype.dtype, nbytes, self.reader.get_record_offset(name)))
         return st
@@ -436,7 +440,8 @@ def load(path: Path) -> Any:
     def mapping():  # as torch.load(mmap=True) maps the file: whole, once; a record's storage is a slice of it
         whole = torch.UntypedStorage.from_file(os.fspath(path), shared, os.path.getsize(path))
         return lambda at, nbytes: whole[at:at + nbytes]
-    return _load(head, lambda: torch._C.PyTorchFileReader(str(path)), mapping)
+    return _load(head, lambda: torch._C.PyTorchFileReader(str(path)), mapping,
+                 lambda: central_directory(path, os.path.getsize(path)))
 
 
 def load_bytes(blob: bytes) -> Any:
@@ -445,10 +450,27 @@ def load_bytes(blob: bytes) -> Any:
     def copies():
         return lambda at, nbytes: (torch.UntypedStorage.from_buffer(blob, dtype=torch.uint8, offset=at, count=nbytes)
                                    if nbytes else torch.UntypedStorage(0))
-    return _load(blob[:4], lambda: torch._C.PyTorchFileReader(io.BytesIO(blob)), copies)
+    return _load(blob[:4], lambda: torch._C.PyTorchFileReader(io.BytesIO(blob)), copies,
+                 lambda: central_directory(None, len(blob), io.BytesIO(blob)))
 
 
-def _load(head: bytes, open_reader, storages) -> Any:
+def _record_sizes(reader, directory):
+    """record name -> its bytes: torch's reader's `get_record_size`, or, where this torch's reader has none (torch
+    2.11 lacks it; fast_load then gave up on every file and an export of the 6.8 GB 1/8-scale checkpoint spent ~4 s
+    in torch.load's unpickler on a 16-core machine), the zip's own central directory (`torch_zip`) as torch's writer
+    lays it out; anything else gives up."""
+    size = getattr(reader, "get_record_size", None)
+    if size is not None:
+        return size
+    records = directory()
+    if records is None:
+        raise GiveUp("no record sizes: this torch's zip reader has no get_record_size, and the archive is not laid "
+                     "out as torch's writer lays it out")
+    sizes = {name.split("/", 1)[1]: n for name, _, n in records if "/" in name}  # (torch drops the top folder)
+    return sizes.__getitem__
+
+
+def _load(head: bytes, open_reader, storages, directory) -> Any:
     if sys.byteorder != "little":
         raise GiveUp("byte order")
     if head != b"PK\x03\x04":  # (torch.load reads anything else as its legacy format)
@@ -463,7 +485,8 @@ def _load(head: bytes, open_reader, storages) -> Any:
                     None, torch.serialization.LoadEndianness.LITTLE)):  # (what torch.load then assumes)
             raise GiveUp("byte order")
         data, builds = _scan(reader.get_record("data.pkl"))
-        obj = _Loader(data, reader, {n for n in names if n.startswith("data/")}).load()
+        records = {n for n in names if n.startswith("data/")}
+        obj = _Loader(data, reader, records, _record_sizes(reader, directory)).load()
         build = _Build(storages())
         result = build.value(obj)
         if build.builds != builds:  # a BUILD that reached no stand-in of ours (module docstring, point 2)

@@ -20,6 +20,7 @@ from stepconv import fast_load, megatron_io
 from stepconv.config import StepconvError
 from stepconv.convert import hf_to_mcore
 from stepconv.megatron_io import load_rank_file
+from stepconv.torch_zip import central_directory
 
 
 # --- identity with torch.load -----------------------------------------------------------------------------------
@@ -364,3 +365,38 @@ def test_load_bytes_gives_up_on_hostile_blobs(tmp_path, sentinel, case):
     with pytest.raises(fast_load.GiveUp):
         fast_load.load_bytes(blob)
     assert fast_load.load_bytes(_archive(tmp_path / "ok.pt", b"\x80\x02" + _tensor() + b".").read_bytes()).numel() == 4
+
+
+
+_READER = torch._C.PyTorchFileReader
+
+
+class _OlderReader:
+    """torch's zip reader as torch 2.11 has it: no `get_record_size`."""
+
+    def __init__(self, source):
+        self._r = _READER(source)
+
+    def __getattr__(self, name):
+        if name == "get_record_size":
+            raise AttributeError(name)
+        return getattr(self._r, name)
+
+
+def test_a_torch_whose_reader_cannot_tell_record_sizes_still_loads_fast(tmp_path, fixture_dir, monkeypatch):
+    """torch 2.11's PyTorchFileReader has no get_record_size, and fast_load gave up on every file there (torch.load
+    then read them, slowly): the sizes come from the zip's central directory instead, for rank files and blobs
+    (torch_dist chunks) alike, with torch.load's result; a record shorter than its storage still gives up."""
+    hf_to_mcore(fixture_dir, tmp_path / "m", tp=2)
+    paths = sorted((tmp_path / "m" / "release").glob("*/model_optim_rng.pt"))
+    ok = _archive(tmp_path / "ok.pt", b"\x80\x02" + _tensor() + b".").read_bytes()
+    short = _archive(tmp_path / "short.pt", b"\x80\x02" + _tensor(numel=8, size=(8,)) + b".").read_bytes()
+    monkeypatch.setattr(torch._C, "PyTorchFileReader", _OlderReader)
+    calls = []
+    monkeypatch.setattr(fast_load, "central_directory", lambda *a: calls.append(a) or central_directory(*a))
+    for path in paths:
+        assert_loads_as_torch(path)
+    _same(fast_load.load_bytes(ok), torch.load(io.BytesIO(ok), map_location="cpu", weights_only=True))
+    assert len(calls) == len(paths) + 1  # (the sizes came from the central directory)
+    with pytest.raises(fast_load.GiveUp, match="not a record of 32 bytes"):
+        fast_load.load_bytes(short)
