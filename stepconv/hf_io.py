@@ -259,17 +259,20 @@ def write_piece(fd: int, piece, at: int) -> None:
 
 
 def _place(fd: int, path: Path, piece, at: int, nbytes: int, writeback: tuple[int, int] | None = None,
-           check=None) -> None:
+           check=None):
     """A piece's bytes at `at` of `fd` (on a write-behind thread), then writeback started: of the piece, or of
-    `writeback` (offset, bytes) for a gather buffer; then `check(at, nbytes)` (the file's digest) if given."""
+    `writeback` (offset, bytes) for a gather buffer; then `check(at, nbytes[, bytes])` (the file's digest) if
+    given, whose result (a future) is returned."""
     with named_os_errors(path):
         write_piece(fd, piece, at)
     if writeback is None:
         start_writeback(fd, at, nbytes)
     elif writeback[1]:
         start_writeback(fd, *writeback)
-    if check is not None:
-        check(at, nbytes)
+    if check is None:
+        return None
+    # bytes still in memory are digested from there (their buffer is reused only once the digest is done)
+    return check(at, nbytes, piece) if type(piece) is memoryview else check(at, nbytes)
 
 
 class GatherFile:
@@ -287,13 +290,18 @@ class GatherFile:
       18.8 / 23.1 s, no faster);
     * at small widths (1/8: every expert piece is under 1 MiB) all the bytes pass through the gather buffers, and
       the unit's thread spent 35% of its time in their pwrites (py-spy, same device, TP=2, 6.8 GB), so full buffers
-      are written behind too (BUFFERS of them per file, reused).
+      are written behind too (BUFFERS of them per file, reused). (Filling the buffers on the file's thread
+      instead, the unit's thread only listing what goes where, was slower: the threads then take turns at the
+      GIL per piece. 16-core device, 1/8, TP=4: 11.3 -> 12.9 s with pieces of 32 KiB and up; 2-core machine, 1/64,
+      every piece: system CPU 1.1 -> 2.6 s.)
     A piece written behind keeps its tensor (or the source descriptor of its `FileRows`) alive until written; at
     most IN_FLIGHT bytes are pending per file, gather buffers included. `close` waits for them, and so does
     `abandon`, before the descriptor is closed (its number could otherwise be reused while a write is pending).
-    `digest`: the file's `safety.BlockCrcs` (`crcs`) are folded in as it is written, each written range reread on a
-    third thread of the file's, for the resume journal (which otherwise rereads the whole file at the end of the
-    unit). `tmp` None: a dry run's file, which only counts (no descriptor)."""
+    `digest`: the file's `safety.BlockCrcs` (`crcs`) are folded in as it is written, on a third thread of the
+    file's, for the resume journal (which otherwise rereads the whole file at the end of the unit): from the gather
+    buffer (which is reused only once that is done: the reread of every byte cost 8.8-13.5 s of system CPU where
+    this costs 5.4-5.9, 16-core device, 1/8, TP=4), or by rereading a range written from elsewhere.
+    `tmp` None: a dry run's file, which only counts (no descriptor)."""
 
     # (buffers are allocated once per file and reused: fresh pages fault on first touch, which is slow on these
     # virtual machines.) FileRows below BUFFER are read into one: per record, fsync included, 2-core machine:
@@ -391,8 +399,10 @@ class GatherFile:
             self.at += nbytes
         elif nbytes < self.BUFFER:
             at = self._room(nbytes)
-            with named_os_errors(self.path):
+            try:  # (not `with named_os_errors`: a generator per record)
                 copy_bytes(tensor, 0, nbytes, self.view[at:at + nbytes], self._addr + at)
+            except OSError as e:
+                raise named_os_error(e, self.path) from None
             self.n = at + nbytes
         else:
             self._flush()
@@ -403,7 +413,9 @@ class GatherFile:
         """Wait for the oldest piece written behind (its error, if any, is raised here)."""
         fut, nbytes, buffer = self._pending.popleft()
         self._in_flight -= nbytes
-        fut.result()
+        digest = fut.result()
+        if digest is not None and buffer is not None:  # (the buffer's digest done before it is filled again)
+            digest.result()
         if buffer is not None:
             self._free.append(buffer)
 

@@ -340,7 +340,8 @@ def _crc_range(fd: int, buf: memoryview, pos: int, end: int, crc: int, path) -> 
 
 class BlockCrcs:
     """`file_digest`'s block CRC-32s of a file being written front to back, folded in range by range as each is
-    written (`fold`, called in file order), by rereading the range from `fd` (just written: from the page cache).
+    written (`fold`, called in file order), from the bytes' buffer when the writer still holds it, else by
+    rereading the range from `fd` (just written: from the page cache).
     A range out of order, or a failed read, leaves it incomplete: `covers` is then False and `file_digest` rereads
     the whole file, as before."""
 
@@ -353,17 +354,21 @@ class BlockCrcs:
         self.buf: memoryview | None = None
         self.broken = False
 
-    def fold(self, at: int, nbytes: int) -> None:
+    def fold(self, at: int, nbytes: int, data=None) -> None:
+        """Bytes [at, at + nbytes) of the file: `data` (their buffer, still in memory), or reread."""
         if self.broken or at != self.pos:
             self.broken = True
             return
-        if self.buf is None:
+        if self.buf is None and data is None:
             self.buf = memoryview(bytearray(1 << 20))  # (one per file being written: kept small)
         try:
             pos, end = at, at + nbytes
             while pos < end:
                 stop = min(end, (pos // DIGEST_BLOCK + 1) * DIGEST_BLOCK)
-                self.crc = _crc_range(self.fd, self.buf, pos, stop, self.crc, self.path)
+                if data is None:
+                    self.crc = _crc_range(self.fd, self.buf, pos, stop, self.crc, self.path)
+                else:
+                    self.crc = zlib.crc32(data[pos - at:stop - at], self.crc)
                 pos = stop
                 if pos % DIGEST_BLOCK == 0:
                     self.done.append(self.crc.to_bytes(4, "little"))

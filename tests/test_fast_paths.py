@@ -251,8 +251,9 @@ def test_gather_file_writes_full_buffers_behind_in_order_and_reports_errors(tmp_
         bad.close()
     assert str(tmp_path / "b") in str(e.value) and "No space" in str(e.value) and bad.fd == -1
 def test_gather_file_digest_is_the_whole_file_reread(tmp_path, monkeypatch):
-    """The block CRCs a GatherFile folds in while writing (small pieces gathered, large pieces and `FileRows`
-    written behind, blocks smaller than many pieces) are exactly `file_digest`'s full reread; a byte changed
+    """The block CRCs a GatherFile folds in while writing (small pieces gathered, from memory, from their files or
+    strided, and digested from the buffer; large pieces and `FileRows` written behind and reread; blocks smaller
+    than many pieces) are exactly `file_digest`'s full reread, and the bytes are the pieces'; a byte changed
     afterwards changes the digest; ranges folded out of order leave them incomplete, and the reread decides."""
     from stepconv import safety
     from stepconv.hf_io import GatherFile
@@ -260,15 +261,29 @@ def test_gather_file_digest_is_the_whole_file_reread(tmp_path, monkeypatch):
     monkeypatch.setattr(safety, "DIGEST_BLOCK", 100_003)  # (a prime: boundaries fall inside pieces)
     g = GatherFile(tmp_path / "a.pt", tmp_path / "a.pt", digest=True)
     gen = torch.Generator().manual_seed(2)
+    expect = []
     for i in range(10):
         g.put(b"head%d" % i)
         small = torch.randint(0, 255, (30_000 + 7 * i,), dtype=torch.uint8, generator=gen)
-        g.put_data(small, small.numel())
+        if i % 3 == 0:  # (whole from a file)
+            g.put_data(_file_rows(tmp_path / f"small{i}", small), small.numel())
+        elif i % 3 == 1:  # (a file's range between two tensors, as vocab padding joins a file's rows)
+            rows = _file_rows(tmp_path / f"small{i}", small[100:-50])
+            g.put_data(FileRows(small.shape, small.dtype, [small[:100], *rows.pieces, small[-50:]]), small.numel())
+        elif i % 2:  # (a strided view: an fc2 column slice)
+            wide = torch.randint(-9999, 9999, (small.numel() // 20, 20), dtype=torch.int16, generator=gen)
+            small = wide[:, 5:15].contiguous().view(torch.uint8).reshape(-1)
+            g.put_data(wide[:, 5:15], small.numel())
+        else:
+            g.put_data(small, small.numel())
+        expect += [b"head%d" % i, small.numpy().tobytes()]
         big = torch.randint(0, 255, (GatherFile.BUFFER + 999 * i,), dtype=torch.uint8, generator=gen)
         g.put_data(_file_rows(tmp_path / f"src{i}", big) if i % 2 else big, big.numel())
+        expect.append(big.numpy().tobytes())
     g.put(bytes(GatherFile.BUFFER + 5))  # (a large `put`, written behind in order too)
     g.close()
     path, size = tmp_path / "a.pt", (tmp_path / "a.pt").stat().st_size
+    assert path.read_bytes() == b"".join(expect) + bytes(GatherFile.BUFFER + 5)
     assert g.crcs.covers(size) and len(g.crcs.blocks()) == -(-size // 100_003)
     assert g.crcs.blocks() == safety._block_crcs(path)
     data = bytearray(path.read_bytes())
