@@ -328,7 +328,11 @@ VIA_LIBRARY = False  # --via-library: run conversions as `run_bench.py --call ..
 
 def call_library(argv: list[str]) -> int:
     """`stepconv hf-to-mcore|mcore-to-hf|compare` with the options the benchmark uses, through the library API, for
-    machines where the CLI's own dependencies (typer, pydantic) are missing."""
+    machines where the CLI's own dependencies (typer, pydantic) are missing. The collector is off from the start,
+    as the CLI's conversion commands have it (`stepconv.cli._conversion`)."""
+    import gc
+
+    gc.disable()
     from stepconv.compare import compare_hf
     from stepconv.convert import hf_to_mcore, mcore_to_hf
 

@@ -36,6 +36,14 @@ def _root(debug: bool = typer.Option(False, "--debug", help="On an error, print 
         os.environ["STEPCONV_DEBUG"] = "1"  # (inherited by verify's rank processes)
 
 
+def _conversion() -> None:
+    """A conversion command's process builds no reference cycles (engine.gc_paused): the collector stays off from
+    before its imports (torch's import: 2.3 s with it off vs 2.6-2.7 s on, 2-core machine) to the exit."""
+    import gc
+
+    gc.disable()
+
+
 @app.command("hf-to-mcore")
 def hf_to_mcore_cmd(
     hf_dir: Path = typer.Argument(..., help="Hugging Face Step-3.5-Flash folder (config.json + safetensors)."),
@@ -70,6 +78,7 @@ def hf_to_mcore_cmd(
 
     A training run's layout: stepconv hf-to-mcore --tp 2 --ep 8 --etp 1 --pp 8 --pp-first 3 --vpp 3 Step-3.5-Flash/
     """
+    _conversion()
     from .convert import hf_to_mcore
     from .hf_io import HFCheckpoint, parse_size
     from .progress import progress
@@ -106,6 +115,7 @@ def mcore_to_hf_cmd(
 
     Example: stepconv mcore-to-hf Step-3.5-Flash-mcore/ -o Step-3.5-Flash-hf --iteration 2000
     """
+    _conversion()
     from .convert import mcore_to_hf
     from .progress import progress
 
@@ -140,6 +150,7 @@ def reshard_cmd(
 
     Example: stepconv reshard step35-tp4-pp3-ep8 -o step35-dist --format torch_dist
     """
+    _conversion()
     from .convert import reshard
     from .progress import progress
 

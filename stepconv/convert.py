@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
-from .engine import Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, plan_workers
+from .engine import Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, gc_paused, plan_workers
 from .publish import Journal, audit_on_disk, staging
 from .hf_io import (MAX_SIZE, HFCheckpoint, HFReader, HFWriter, TensorInfo, carried_files, copy_files,
                     hf_tensor_problems, parse_size)
@@ -259,6 +259,7 @@ def _fingerprint(ckpt: HFCheckpoint, **options) -> str:
     return h.hexdigest()
 
 
+@gc_paused()  # (plan, execute and finish: engine.gc_paused)
 def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 progress: Progress | None = None, **options: Any) -> Summary:
     """Convert a HF folder to Megatron legacy rank files.
@@ -585,6 +586,7 @@ def narrowing_note(pl: "ExportPlan") -> list[str]:
             f"{'/'.join(narrower)} values; --dtype fp32 keeps them exact"]
 
 
+@gc_paused()  # (plan, execute and finish: engine.gc_paused)
 def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None = None, *,
                 progress: Progress | None = None, **options: Any) -> Summary:
     """Convert a Megatron legacy checkpoint back to a HF folder; TP/PP/EP and spec come from the checkpoint.
@@ -687,6 +689,7 @@ class MegatronSource(ReaderBase):
             self.reader.close()
 
 
+@gc_paused()  # (plan, execute and finish: engine.gc_paused)
 def reshard(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike, *, iteration: str | int | None = None,
             hf_config: str | os.PathLike | None = None, progress: Progress | None = None, **options: Any) -> Summary:
     """Megatron -> Megatron: another format and/or layout, streamed entry by entry, audited like hf-to-mcore.

@@ -29,7 +29,7 @@ import torch
 
 from . import buffers
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
-from .engine import READ_AHEAD_BYTES
+from .engine import READ_AHEAD_BYTES, ByteCount
 from .safety import (WRITEBACK_BYTES, BlockCrcs, named_os_error, named_os_errors, parse_json, read_json,
                      regular_file, start_writeback, validate_safetensors_header)
 
@@ -461,7 +461,12 @@ def pwrite_all(fd: int, t: torch.Tensor, offset: int) -> int:
     n = t.numel() * t.element_size()
     if not n:
         return 0
-    return pwrite_view(fd, memoryview(buffers.contiguous(t).reshape(-1).view(torch.uint8).numpy()), offset)
+    if t.is_contiguous() or t.element_size() not in _SAME_SIZE_INT:
+        return pwrite_view(fd, memoryview(buffers.contiguous(t).reshape(-1).view(torch.uint8).numpy()), offset)
+    packed = buffers.empty((n,), torch.uint8)
+    view = memoryview(packed.numpy())
+    gather(t, view)
+    return pwrite_view(fd, view, offset)
 
 
 class LazyTensor:
@@ -513,8 +518,12 @@ class HFCheckpoint:
         self._fds: dict[str, int] = {}
         self._located: dict[str, tuple[int, int, int, str]] = {}  # tensor -> `_where`
         self._lock = threading.Lock()
-        self.bytes_read = 0
+        self._read = ByteCount()
         self._scan()
+
+    @property
+    def bytes_read(self) -> int:
+        return self._read.total
 
     def _scan(self) -> None:
         index = self.path / INDEX_NAME
@@ -574,8 +583,7 @@ class HFCheckpoint:
         fd, at, row_bytes, what = self._where(info)
         n = (hi - lo) * row_bytes
         start = at + lo * row_bytes
-        with self._lock:
-            self.bytes_read += n
+        self._read.add(n)
         if lazy:
             return FileRows((hi - lo, *info.shape[1:]), info.dtype, [(fd, start, n)] if n else [])
         return pread_tensor(fd, start, n, info.dtype, what, (hi - lo, *info.shape[1:]) if info.shape else (),
@@ -586,8 +594,7 @@ class HFCheckpoint:
         index + 1, lazy)[0]` without the indexing."""
         fd, at, row_bytes, what = self._where(info)
         start = at + index * row_bytes
-        with self._lock:
-            self.bytes_read += row_bytes
+        self._read.add(row_bytes)
         if lazy:
             return FileRows(info.shape[1:], info.dtype, [(fd, start, row_bytes)] if row_bytes else [])
         return pread_tensor(fd, start, row_bytes, info.dtype, what, info.shape[1:])
@@ -617,6 +624,18 @@ def _header_bytes(tensors: Sequence[TensorInfo]) -> tuple[bytes, dict[str, int]]
 _SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def gather(t: torch.Tensor, dest: memoryview) -> None:
+    """A strided tensor's bytes (an fc2 column slice, at any width), packed into `dest` by numpy, in fewer calls
+    than torch's copy_ into a view of `dest`. Rows whose elements are contiguous (a column slice) are copied as
+    one numpy void element each, a memcpy per row, instead of element by element: a TP=4 column slice of a 1/8-width
+    fc2 (512 x 40 bf16) 6.3 -> 3.8 us, of a real one (4096 x 320) 189 -> 106 us, where torch's contiguous()
+    took 8.2 and 239 (2-core machine)."""
+    arr = t.view(_SAME_SIZE_INT[t.element_size()]).numpy()
+    if arr.ndim >= 2 and arr.strides[-1] == arr.itemsize and arr.shape[-1] > 1:
+        arr = arr.view(numpy.dtype((numpy.void, arr.shape[-1] * arr.itemsize)))  # (shape [..., 1])
+    numpy.frombuffer(dest, dtype=arr.dtype, count=arr.size).reshape(arr.shape)[...] = arr
+
+
 def copy_bytes(chunk, lo: int, hi: int, dest: memoryview, dest_addr: int) -> None:
     """Bytes [lo, hi) of `chunk` (a tensor, or `FileRows`: its ranges read with preadv) into `dest` (bytes, at
     address `dest_addr`)."""
@@ -629,10 +648,7 @@ def copy_bytes(chunk, lo: int, hi: int, dest: memoryview, dest_addr: int) -> Non
                 ctypes.memmove(dest_addr + at, t.data_ptr() + a, n)
     elif (lo == 0 and hi == chunk.numel() * chunk.element_size() and not chunk.is_contiguous()
           and chunk.element_size() in _SAME_SIZE_INT):
-        # a strided view whole (an fc2 column slice): numpy gathers it into place, in fewer calls than torch's
-        # copy_ into a view of `dest`
-        arr = chunk.view(_SAME_SIZE_INT[chunk.element_size()]).numpy()
-        numpy.frombuffer(dest, dtype=arr.dtype, count=arr.size).reshape(arr.shape)[...] = arr
+        gather(chunk, dest)
     else:
         t = buffers.contiguous(chunk)
         ctypes.memmove(dest_addr, t.data_ptr() + lo, hi - lo)

@@ -29,7 +29,7 @@ import torch
 from . import buffers, fast_load
 from .config import StepconvError, names_text
 from .safety import LIBC, GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file
-from .engine import FileStat, Unit, UnitResult
+from .engine import ByteCount, FileStat, Unit, UnitResult
 from .hf_io import FileRows, GatherFile, SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .mapping import Entry, Layout
 from .torch_pickle import StorageRef, TensorRef
@@ -663,7 +663,11 @@ class LegacyReader:
         self._ranges: list[tuple[int, int]] = []
         self._touched = 0
         self._lock = threading.Lock()
-        self.bytes_read = 0
+        self._read = ByteCount()
+
+    @property
+    def bytes_read(self) -> int:
+        return self._read.total
 
     def path(self, tp_rank: int, pp_rank: int, ep_rank: int) -> Path:
         return self.itdir / rank_dir_name(tp_rank, pp_rank, ep_rank, self.layout.pp_size, self.layout.ep_size) / RANK_FILE
@@ -728,8 +732,7 @@ class LegacyReader:
     def read(self, entry: Entry) -> list[torch.Tensor]:
         if not entry.kind.megatron:
             t = read_head(self.heads, entry, self.meta)
-            with self._lock:
-                self.bytes_read += t.numel() * t.element_size()
+            self._read.add(t.numel() * t.element_size())
             return [t]
         if entry.stage not in self._stages:  # (a reader used outside units maps stages as entries need them)
             self._load_stage(entry.stage)
@@ -743,13 +746,11 @@ class LegacyReader:
             return [torch.empty(s.shape, dtype=s.dtype, device="meta") for s in parts]
         sizes = [s.numel() * s.element_size() for s in parts]
         nbytes = sum(sizes)
+        self._read.add(nbytes)
         if entry.kind.row_slices and all(f for _, _, f in shards) and all(s.is_contiguous() for s in parts):
-            with self._lock:
-                self.bytes_read += nbytes
             return [FileRows(s.shape, s.dtype, [(f[0], s.data_ptr() - f[1], n)])
                     for s, (_, _, f), n in zip(parts, shards, sizes)]
         with self._lock:
-            self.bytes_read += nbytes
             self._touched += nbytes
             if self._touched >= RELEASE_EVERY:
                 for lo, hi in self._ranges:

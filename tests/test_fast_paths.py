@@ -458,3 +458,68 @@ def test_unordered_unit_runs_each_entry_once_and_stops_at_a_failure():
     with pytest.raises(StepconvError, match=r"^k10 <-> t10: shapes cannot be joined$"):
         execute([Unit("stage 0", entries, ordered=False)], Reader(), w, step("k10"), workers=3)
     assert "k10" not in w.puts and sum(w.puts.values()) < 30
+
+
+def test_the_collector_stays_paused_while_any_unit_runs():
+    """engine.execute pauses the garbage collector once around all units (from before the writer begins): the
+    first of two ordered units to finish (on its own worker thread) does not turn it back on under the other, and it
+    is on again afterwards."""
+    import gc
+    import threading
+
+    from stepconv.engine import ReaderBase, Unit, UnitResult, execute
+    from stepconv.kinds import REPLICATE
+    from stepconv.mapping import Entry
+
+    short_done, seen, begun = threading.Event(), [], []
+
+    class Reader(ReaderBase):
+        def read(self, entry):
+            return [torch.ones(2)]
+
+    class Writer:
+        def begin(self):
+            begun.append(gc.isenabled())
+
+        def start(self, unit):
+            pass
+
+        def put(self, unit, entry, tensors):
+            if unit.name == "long":
+                short_done.wait(5) if entry.key == "k1" else None
+                seen.append(gc.isenabled())
+
+        def end(self, unit):
+            if unit.name == "short":
+                short_done.set()
+            return UnitResult()
+
+    def units():
+        return [Unit(name, [Entry((f"t{i}",), f"k{i}", REPLICATE, 0, SplitContext(1)) for i in range(n)])
+                for name, n in (("short", 1), ("long", 4))]
+
+    assert gc.isenabled()
+    execute(units(), Reader(), Writer(), lambda entry, srcs: srcs, workers=2)
+    assert begun == [False] and short_done.is_set() and seen == [False] * 4 and gc.isenabled()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.uint8, torch.float64])
+def test_strided_tensors_are_written_as_their_contiguous_bytes(tmp_path, dtype):
+    """`gather` (GatherFile's small pieces) and `pwrite_all` (large ones) pack a strided tensor exactly as
+    `contiguous()` would: column slices (each row one numpy void element), a column slice of a 3-D stack, a
+    transposed matrix and a one-column slice (element by element)."""
+    from stepconv.hf_io import gather, pwrite_all
+
+    base = torch.arange(7 * 48 * 3, dtype=torch.float64).reshape(7, 48, 3).to(dtype)
+    views = [base[0][:, 1:3], base[:, 12:24, 1], base[2].t(), base[1][5:40:2, :2], base[:, :, :2], base[3][:, 2:3]]
+    for i, v in enumerate(views):
+        want = v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        dest = bytearray(len(want))
+        gather(v, memoryview(dest))
+        assert bytes(dest) == want, i
+        fd = os.open(tmp_path / f"w{i}", os.O_RDWR | os.O_CREAT)
+        try:
+            assert pwrite_all(fd, v, 5) == len(want)
+        finally:
+            os.close(fd)
+        assert (tmp_path / f"w{i}").read_bytes() == bytes(5) + want, i

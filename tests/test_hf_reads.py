@@ -43,3 +43,23 @@ def test_row_is_rows_indexed(fixture_dir):
         assert _same(ckpt.row(info, e), ckpt._read_rows(info, e, e + 1)[0])
         lazy = ckpt._read_rows(info, e, e + 1, lazy=True)
         assert _same(ckpt.row(info, e, lazy=True), FileRows(info.shape[1:], info.dtype, lazy.pieces))
+
+
+@pytest.mark.parametrize("options", [dict(tp=2, jobs=4), dict(tp=2, format="torch_dist", jobs=4)])
+def test_bytes_read_counts_every_source_byte_once_from_many_threads(fixture_dir, tmp_path, options):
+    """The summary's bytes read, counted by every worker's reads at once (`engine.ByteCount`, no shared lock): each
+    source byte once when nothing is read twice (TP only); and a count added to by many threads loses nothing."""
+    import threading
+
+    from stepconv.convert import hf_to_mcore
+    from stepconv.engine import ByteCount
+
+    total = sum(i.nbytes for i in HFCheckpoint(fixture_dir).tensors.values())
+    assert hf_to_mcore(fixture_dir, tmp_path / "m", **options).bytes_read == total
+    count = ByteCount()
+    threads = [threading.Thread(target=lambda: [count.add(3) for _ in range(20_000)]) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert count.total == 8 * 20_000 * 3
