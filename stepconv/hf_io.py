@@ -308,6 +308,7 @@ class GatherFile:
     # pread 43 / 146 / 654 us vs copy_file_range 65 / 222 / 928 us for 2.5 / 40 / 256 KB
     BUFFER = 1 << 20
     BUFFERS = 4  # gather buffers per file: one filling, the others being written behind
+    DIGESTING = 16  # with a digest, as many while digests hold buffers (at most IN_FLIGHT pending still)
     IN_FLIGHT = 64 << 20  # pending write-behind bytes per file (memory held by pending tensors is at most this)
     __slots__ = ("path", "fd", "buf", "view", "n", "at", "_addr", "_written_back", "_gathered", "_pending",
                  "_in_flight", "_lane", "_free", "_made", "crcs", "_check", "_checker")
@@ -328,7 +329,7 @@ class GatherFile:
                 self.crcs = BlockCrcs(self.fd, self.path)
                 self._check = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-digest")
                 self._checker = partial(self._check.submit, self.crcs.fold)
-        self._free: list = []  # gather buffers whose writes are done
+        self._free: list = []  # (gather buffer, its digest's future or None) whose writes are done
         self._made = 1
         self.buf, self.view, self._addr = self._new_buffer()
         self.n = 0  # bytes gathered in buf
@@ -364,12 +365,7 @@ class GatherFile:
                 writeback = (self._written_back, self.at + self.n - self._written_back)
                 self._written_back, self._gathered = self.at + self.n, 0
             self._submit(self.view[:self.n], self.at, self.n, (self.buf, self.view, self._addr), writeback)
-            if not self._free and self._made < self.BUFFERS:
-                self._made += 1
-                self._free.append(self._new_buffer())
-            while not self._free:
-                self._reap()
-            self.buf, self.view, self._addr = self._free.pop()
+            self.buf, self.view, self._addr = self._free_buffer()
         self.at += self.n
         self.n = 0
 
@@ -409,15 +405,35 @@ class GatherFile:
             self._submit(tensor, self.at, nbytes)
             self.at += nbytes
 
+    def _free_buffer(self) -> tuple:
+        """A gather buffer to fill: one whose write (and digest) is done, else a new one while fewer than BUFFERS
+        exist (DIGESTING while a digest holds some), else the oldest once done. (The digest thread, rereading the
+        large pieces written from elsewhere, runs behind the writes at real widths. Waiting for it before reusing a
+        buffer that only held a record's header, EP=2 at real width ran 10.5-11.9 s in three rounds where the code
+        before the digest from memory ran 9.7-10.7; not holding buffers for it, 10.0 vs 10.7 in one round; 16-core
+        device.)"""
+        while True:
+            for i, (buffer, digest) in enumerate(self._free):
+                if digest is None or digest.done():
+                    del self._free[i]
+                    return buffer
+            if self._made < (self.DIGESTING if self._check is not None else self.BUFFERS):
+                self._made += 1
+                return self._new_buffer()
+            if self._free:
+                buffer, digest = self._free.pop(0)
+                digest.result()
+                return buffer
+            self._reap()
+
     def _reap(self) -> None:
-        """Wait for the oldest piece written behind (its error, if any, is raised here)."""
+        """Wait for the oldest piece written behind (its error, if any, is raised here); a gather buffer it wrote
+        is free to fill again once its digest (if any) is done."""
         fut, nbytes, buffer = self._pending.popleft()
         self._in_flight -= nbytes
         digest = fut.result()
-        if digest is not None and buffer is not None:  # (the buffer's digest done before it is filled again)
-            digest.result()
         if buffer is not None:
-            self._free.append(buffer)
+            self._free.append((buffer, digest))
 
     def close(self) -> None:
         """Write what is gathered, wait for what is written behind, fsync (a file under its final name is on the
