@@ -149,20 +149,26 @@ class Writer(Protocol):
         """After the unit's last put: complete its files (renamed into place) and check what they hold."""
 
 
+def runs(items: Sequence, size: Callable[[Any], int], limit: int) -> list[list]:
+    """`items` cut, in order, into runs of at most `limit` total `size` (or one larger item alone)."""
+    out: list[list] = [[]]
+    total = 0
+    for x in items:
+        n = size(x)
+        if out[-1] and total + n > limit:
+            out.append([])
+            total = 0
+        out[-1].append(x)
+        total += n
+    return out
+
+
 def _read_ahead(reader: Reader, entries: Sequence[Entry]) -> Iterator[tuple[Entry, list[torch.Tensor]]]:
     """Yield (entry, its sources) while a second thread reads the next batch, so disk reads overlap the
     splitting and writing. Batches (up to the reader's `read_ahead_bytes`, default READ_AHEAD_BYTES, or one larger entry) keep the thread hand-off off
     the per-expert hot path; two batches are in memory at most. A reader with `read_batch(entries)` (the list of
     `read(e)`) reads a whole batch at once (HFReader: a run of experts of one stack in one pread)."""
-    batches: list[list[Entry]] = [[]]
-    size, limit = 0, getattr(reader, "read_ahead_bytes", READ_AHEAD_BYTES)
-    for e in entries:
-        n = reader.nbytes(e)
-        if batches[-1] and size + n > limit:
-            batches.append([])
-            size = 0
-        batches[-1].append(e)
-        size += n
+    batches = runs(entries, reader.nbytes, getattr(reader, "read_ahead_bytes", READ_AHEAD_BYTES))
     if not entries:
         return
     if not getattr(reader, "prefetch", True):  # nothing to overlap (a dry run's meta tensors)

@@ -62,8 +62,8 @@ the confinement is in what the pickle can reach):
    storage marker outside a tensor, a stand-in callable, a value of another type) gives up.
 The archive: torch's own zip reader (`torch._C.PyTorchFileReader`) finds the records and their offsets, as
 torch.load does, and their sizes (a torch whose reader cannot tell them, 2.11 for one: the zip's central directory,
-`torch_zip.central_directory`, where the archive is laid out as torch's writer lays it out); a TorchScript archive (`constants.pkl`), a `byteorder` other than "little", a non-default load
-endianness or a big-endian host give up.
+`torch_zip.central_directory`, where the archive is laid out as torch's writer lays it out); a TorchScript archive
+(`constants.pkl`), a `byteorder` other than "little", a non-default load endianness or a big-endian host give up.
 """
 
 from __future__ import annotations

@@ -301,8 +301,8 @@ def file_digest(path: Path, crcs: "BlockCrcs | None" = None) -> str:
     A rank file (zip archive): its directory of record names and sizes plus a CRC-32 of every 64 MiB block of the
     file. Rank files are written without torch's per-record CRC-32 (issue 11: its miniz CRC ran at ~300 MB/s and was
     half the import's CPU), so the record CRCs are 0 and the archive itself cannot vouch for its bytes. The writer
-    folds the blocks in as it writes (`crcs`, a `BlockCrcs` of the whole file: each range reread just after it was
-    written, on a thread of its own); without them every block is reread here, on up to the CPU count of threads
+    folds the blocks in as it writes (`crcs`, a `BlockCrcs` of the whole file, on a thread of its own: from the
+    gather buffers, and large pieces reread just after they were written); without them every block is reread here, on up to the CPU count of threads
     (`_block_crcs`), which at the end of a unit cost whole seconds: 8.1 of a 28 s TP=2 run at real width on the
     2-core machine (11.85 GB, the output's pages partly evicted by then). The directory is read in one pass where
     torch laid the archive out (`torch_zip.central_directory`).

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from . import buffers, fast_load
 from .config import StepconvError, names_text
-from .engine import FileStat, ReaderBase, Unit, UnitResult
+from .engine import FileStat, ReaderBase, Unit, UnitResult, runs
 from .hf_io import FileRows, GatherFile, TensorInfo
 from .kinds import EXTRA, QKVG_, SplitContext
 from .mapping import Entry
@@ -157,14 +157,7 @@ class TorchDistWriter:
                 groups.setdefault(e.layer if e.layer is not None else -1, []).append(e)
         units = []
         for n, es in enumerate(groups.values()):
-            parts, size = [[]], 0
-            for e in es:
-                elements = sum(math.prod(s) for s in e.source_shapes)
-                if parts[-1] and size + elements > PART_ELEMENTS:
-                    parts.append([])
-                    size = 0
-                parts[-1].append(e)
-                size += elements
+            parts = runs(es, lambda e: sum(math.prod(s) for s in e.source_shapes), PART_ELEMENTS)
             units += [Unit(f"chunks {n}" + (f".{k}" if k else ""), part, [f"release/__{n}_{k}.distcp"])
                       for k, part in enumerate(parts)]
         self._order = [u.name for u in units]
