@@ -193,11 +193,8 @@ class ImportPlan:
         if srcs and srcs[0].is_meta:  # dry run: the same split's shapes, computed once per signature
             return [_meta(entry.kind.rank_shape(entry.source_shapes, entry.ctx, r), dt)
                     for r in range(entry.ctx.tp_size)]
-        out = []
-        for r in range(entry.ctx.tp_size):  # TP ranks (ETP ranks for a routed expert)
-            t = entry.kind.split(srcs, entry.ctx, r)
-            out.append(t if t is None or t.dtype == dt else t.to(dt))
-        return out
+        # TP ranks (ETP ranks for a routed expert)
+        return [t if t is None or t.dtype == dt else t.to(dt) for t in entry.kind.split_all(srcs, entry.ctx)]
 
     def workers(self, units: list[Unit], reader: HFReader) -> WorkerPlan:
         """One worker holds an entry's sources, its TP shards and the next such entry read ahead (3x the larger

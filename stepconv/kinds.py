@@ -114,6 +114,10 @@ class Kind:
     def split(self, srcs: Sequence[Sliceable], ctx: SplitContext, tp_rank: int) -> torch.Tensor | None:
         raise NotImplementedError
 
+    def split_all(self, srcs: Sequence[Sliceable], ctx: SplitContext) -> list[torch.Tensor | None]:
+        """`split` for every TP rank, in rank order (a kind may take them all in one pass)."""
+        return [self.split(srcs, ctx, r) for r in range(ctx.tp_size)]
+
     def merge(self, shards: Sequence[torch.Tensor], ctx: SplitContext) -> tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
@@ -191,8 +195,25 @@ class Row(Kind):
 
     name, how = "row", "TP-split columns"
 
+    # a rank's row narrower than this many bytes: every rank's columns are taken in one copy (below)
+    NARROW = 512
+
     def split(self, srcs, ctx, tp_rank):
         return srcs[0][:, _part(srcs[0].shape[1], ctx.tp_size, tp_rank)]
+
+    def split_all(self, srcs, ctx):
+        """Narrow column slices (a 1/8-width expert's fc2, 512 x 160 bf16, is 80 bytes a row at TP=4) are copied for
+        all ranks at once, in one pass over the source, into contiguous [tp, rows, cols/tp]: 35 us an expert where
+        packing each rank's strided slice row by row took 110 (TP=4; TP=2 22 vs 56; 2-core machine). Wide rows are
+        left strided for the writer's row-wise gather, which is faster there (4096 x 1280, TP=4: 2.3 vs 2.8 ms)."""
+        t, tp = srcs[0], ctx.tp_size
+        if (tp > 1 and type(t) is torch.Tensor and t.dim() == 2 and t.device.type == "cpu" and t.stride(1) == 1
+                and t.shape[1] % tp == 0 and t.shape[1] // tp * t.element_size() < self.NARROW):
+            rows, w = t.shape[0], t.shape[1] // tp
+            out = buffers.empty((tp, rows, w), t.dtype)
+            out.copy_(t.view(rows, tp, w).transpose(0, 1))
+            return list(out.unbind(0))
+        return super().split_all(srcs, ctx)
 
     def merge(self, shards, ctx):
         return (_cat(list(shards), dim=1),)

@@ -52,6 +52,9 @@ def test_split_merge_are_exact_inverses(name, tp):
     srcs = sources(name)
     ranks = tp if kind.megatron else 1
     shards = [kind.split(srcs, ctx, r) for r in range(ranks)]
+    if kind.megatron:  # (what conversions call: every rank at once)
+        every = kind.split_all(srcs, ctx)
+        assert len(every) == ranks and all(a is b is None or torch.equal(a, b) for a, b in zip(every, shards))
     if not srcs:
         assert shards == [None] * ranks and kind.merge(shards, ctx) == ()
         return
@@ -61,6 +64,24 @@ def test_split_merge_are_exact_inverses(name, tp):
     assert all(torch.equal(a, b) for a, b in zip(again, shards))
     # the dry run's shapes (split on meta tensors) are the real ones
     assert all(kind.rank_shape([tuple(s.shape) for s in srcs], ctx, r) == tuple(shards[r].shape) for r in range(ranks))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
+def test_row_split_all_takes_narrow_columns_in_one_copy(dtype):
+    """Narrow rank columns come back contiguous (one copy for all ranks) and equal to each rank's slice; wide ones
+    stay views of the source; a strided source (a column slice itself) gives the same values."""
+    row = KINDS["row"]
+    src = (rnd(24, 640) * 50).to(dtype)
+    for tp in (2, 4, 8):
+        ctx = SplitContext(tp)
+        narrow = 640 // tp * src.element_size() < row.NARROW
+        parts = row.split_all([src], ctx)
+        assert [torch.equal(p, row.split([src], ctx, r)) for r, p in enumerate(parts)] == [True] * tp
+        assert all(p.is_contiguous() for p in parts) == narrow, (tp, dtype)
+        assert all(p.data_ptr() != src.data_ptr() for p in parts) if narrow else parts[0].data_ptr() == src.data_ptr()
+        assert torch.equal(row.merge(parts, ctx)[0], src)
+        view = src[:, 1:321]  # (stride 640, not contiguous)
+        assert [torch.equal(p, row.split([view], ctx, r)) for r, p in enumerate(row.split_all([view], ctx))] == [True] * tp
 
 
 def assemble(kind, srcs, ctx, tp):
