@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import gc
 import os
-import queue
 import threading
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Protocol, Sequence
@@ -62,48 +61,6 @@ class ByteCount:
     @property
     def total(self) -> int:
         return sum(list(self._slots.values()))
-
-
-class Lane:
-    """One thread that runs the calls submitted to it in order; `submit` returns a `concurrent.futures.Future`. (A
-    one-worker ThreadPoolExecutor does the same, but its `submit` takes a lock shared by every executor in the process
-    (`concurrent.futures.thread._global_shutdown_lock`): the 16 units of a torch_dist conversion, each submitting its
-    files' writes and digests, queued there for 32% of their threads' samples (py-spy --idle, 16-core device, 1/8).)
-    The thread is a daemon: a lane its owner never shut down (an interrupted run) does not hold the interpreter at
-    exit; owners shut their lanes down once what they submitted is done."""
-
-    __slots__ = ("_queue", "_thread")
-
-    def __init__(self, name: str):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable, *args: Any) -> Future:
-        fut: Future = Future()
-        self._queue.put((fut, fn, args))
-        return fut
-
-    def _run(self) -> None:
-        get = self._queue.get
-        while True:
-            item = get()
-            if item is None:
-                return
-            fut, fn, args = item
-            item = None
-            try:
-                result = fn(*args)
-            except BaseException as e:  # (the submitter's `result()` raises it)
-                fut.set_exception(e)
-            else:
-                fut.set_result(result)
-            fut = fn = args = result = None  # (what was submitted is not kept alive by an idle lane)
-
-    def shutdown(self) -> None:
-        """Run what was submitted, then end the thread (and wait for it)."""
-        self._queue.put(None)
-        self._thread.join()
 
 
 @dataclass

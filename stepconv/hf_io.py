@@ -18,7 +18,7 @@ import stat
 import struct
 import threading
 from collections import deque
-from concurrent.futures import wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from functools import partial
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +29,7 @@ import torch
 
 from . import buffers
 from .config import DTYPE_NAMES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
-from .engine import READ_AHEAD_BYTES, ByteCount, Lane
+from .engine import READ_AHEAD_BYTES, ByteCount
 from .safety import (WRITEBACK_BYTES, BlockCrcs, named_os_error, named_os_errors, parse_json, read_json,
                      regular_file, start_writeback, validate_safetensors_header)
 
@@ -318,7 +318,7 @@ class GatherFile:
         self.fd = -1
         self._pending: deque = deque()  # (future, bytes, gather buffer or None) written behind, oldest first
         self._in_flight = 0
-        self._lane: Lane | None = None  # the thread that writes this file's buffers and large pieces
+        self._lane: ThreadPoolExecutor | None = None  # the thread that writes this file's buffers and large pieces
         self.crcs: BlockCrcs | None = None
         self._check = self._checker = None  # the digest's thread; what the writing thread calls after a write
         if tmp is not None:
@@ -327,7 +327,7 @@ class GatherFile:
                 self.fd = os.open(tmp, mode | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
             if digest:
                 self.crcs = BlockCrcs(self.fd, self.path)
-                self._check = Lane("stepconv-digest")
+                self._check = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-digest")
                 self._checker = partial(self._check.submit, self.crcs.fold)
         self._free: list = []  # (gather buffer, its digest's future or None) whose writes are done
         self._made = 1
@@ -351,7 +351,7 @@ class GatherFile:
         while self._pending and self._in_flight + nbytes > self.IN_FLIGHT:
             self._reap()
         if self._lane is None:
-            self._lane = Lane("stepconv-write")
+            self._lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-write")
         self._pending.append((self._lane.submit(_place, self.fd, self.path, piece, at, nbytes, writeback,
                                                 self._checker), nbytes, buffer))
         self._in_flight += nbytes

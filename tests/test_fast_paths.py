@@ -523,32 +523,3 @@ def test_strided_tensors_are_written_as_their_contiguous_bytes(tmp_path, dtype):
         finally:
             os.close(fd)
         assert (tmp_path / f"w{i}").read_bytes() == bytes(5) + want, i
-
-
-def test_lane_runs_calls_in_order_and_hands_back_results_and_errors():
-    """engine.Lane (the files' write and digest threads): calls run one at a time in submission order on its own
-    thread; a call's result or exception comes back through its future, and later calls still run; shutdown runs
-    what is queued and ends the thread."""
-    import threading
-    import time
-
-    from stepconv.engine import Lane
-
-    lane, seen = Lane("test-lane"), []
-
-    def call(i):
-        time.sleep(0.001 * (i % 3))  # (later calls queued while earlier ones run)
-        seen.append((i, threading.current_thread().name))
-        if i == 3:
-            raise OSError(f"call {i}")
-        return i * i
-
-    futs = [lane.submit(call, i) for i in range(8)]
-    with pytest.raises(OSError, match="call 3"):
-        futs[3].result()
-    assert [f.result() for i, f in enumerate(futs) if i != 3] == [i * i for i in range(8) if i != 3]
-    assert [i for i, _ in seen] == list(range(8)) and {n for _, n in seen} == {"test-lane"}
-    late = lane.submit(call, 9)
-    lane.shutdown()
-    assert late.done() and late.result() == 81
-    assert not any(t.name == "test-lane" for t in threading.enumerate())
