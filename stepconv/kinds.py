@@ -196,16 +196,18 @@ class Row(Kind):
     name, how = "row", "TP-split columns"
 
     # a rank's row narrower than this many bytes: every rank's columns are taken in one copy (below)
-    NARROW = 512
+    NARROW = 128
 
     def split(self, srcs, ctx, tp_rank):
         return srcs[0][:, _part(srcs[0].shape[1], ctx.tp_size, tp_rank)]
 
     def split_all(self, srcs, ctx):
-        """Narrow column slices (a 1/8-width expert's fc2, 512 x 160 bf16, is 80 bytes a row at TP=4) are copied for
-        all ranks at once, in one pass over the source, into contiguous [tp, rows, cols/tp]: 35 us an expert where
-        packing each rank's strided slice row by row took 110 (TP=4; TP=2 22 vs 56; 2-core machine). Wide rows are
-        left strided for the writer's row-wise gather, which is faster there (4096 x 1280, TP=4: 2.3 vs 2.8 ms)."""
+        """Narrow column slices (a 1/8-width expert's fc2, 512 x 160 bf16, is 80 bytes a row at TP=4, 40 at TP=8) are
+        copied for all ranks at once, in one pass over the source, into contiguous [tp, rows, cols/tp], each part then
+        one memmove into the writer's buffer. Per expert, split and packed, source out of cache (2-core machine):
+        TP=4 72-122 us vs 106-190 packing each rank's strided slice row by row, TP=8 112-182 vs 165-383; at TP=2 (160
+        bytes a row) it was no faster (74-95 vs 62-98), and on the 16-core device TP=2 x EP=2 ran 8% slower with it
+        (ABBA, 1/8), so wider rows keep the writer's row-wise gather (4096 x 1280, TP=4: 2.3 ms vs 2.8 this way)."""
         t, tp = srcs[0], ctx.tp_size
         if (tp > 1 and type(t) is torch.Tensor and t.dim() == 2 and t.device.type == "cpu" and t.stride(1) == 1
                 and t.shape[1] % tp == 0 and t.shape[1] // tp * t.element_size() < self.NARROW):

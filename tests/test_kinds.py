@@ -66,22 +66,26 @@ def test_split_merge_are_exact_inverses(name, tp):
     assert all(kind.rank_shape([tuple(s.shape) for s in srcs], ctx, r) == tuple(shards[r].shape) for r in range(ranks))
 
 
+@pytest.mark.parametrize("cols", [96, 640])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.int8])
-def test_row_split_all_takes_narrow_columns_in_one_copy(dtype):
+def test_row_split_all_takes_narrow_columns_in_one_copy(dtype, cols):
     """Narrow rank columns come back contiguous (one copy for all ranks) and equal to each rank's slice; wide ones
     stay views of the source; a strided source (a column slice itself) gives the same values."""
     row = KINDS["row"]
-    src = (rnd(24, 640) * 50).to(dtype)
+    src = (rnd(24, cols) * 50).to(dtype)
+    paths = set()
     for tp in (2, 4, 8):
         ctx = SplitContext(tp)
-        narrow = 640 // tp * src.element_size() < row.NARROW
+        narrow = cols // tp * src.element_size() < row.NARROW
+        paths.add(narrow)
         parts = row.split_all([src], ctx)
         assert [torch.equal(p, row.split([src], ctx, r)) for r, p in enumerate(parts)] == [True] * tp
         assert all(p.is_contiguous() for p in parts) == narrow, (tp, dtype)
         assert all(p.data_ptr() != src.data_ptr() for p in parts) if narrow else parts[0].data_ptr() == src.data_ptr()
         assert torch.equal(row.merge(parts, ctx)[0], src)
-        view = src[:, 1:321]  # (stride 640, not contiguous)
+        view = src[:, 1:cols // 2 + 1]  # (not contiguous)
         assert [torch.equal(p, row.split([view], ctx, r)) for r, p in enumerate(row.split_all([view], ctx))] == [True] * tp
+    assert True in paths if cols == 96 else (paths == {False}) == (dtype != torch.int8)  # (both paths are tested)
 
 
 def assemble(kind, srcs, ctx, tp):
