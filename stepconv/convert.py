@@ -24,12 +24,13 @@ from . import __version__
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
 from .engine import Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, gc_paused, plan_workers
 from .publish import Journal, audit_on_disk, staging
-from .hf_io import (MAX_SIZE, HFCheckpoint, HFReader, HFWriter, TensorInfo, carried_files, copy_files,
+from .hf_io import (MAX_SIZE, GatherFile, HFCheckpoint, HFReader, HFWriter, TensorInfo, carried_files, copy_files,
                     hf_tensor_problems, parse_size)
 from .mapping import SPECS, Entry, Layout, detect_mtp_block, detect_spec, hf_shapes, plan, rank_keys
 from .memory import fixed_mmap_threshold
-from .megatron_io import (MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter, load_rank_file,
-                          rank_dir_name, rank_dir_problems, rank_models, resolve_iteration, write_tracker)
+from .megatron_io import (HEADS_UNIT, MTP_HEADS, RANK_FILE, SIDECAR, IterationDir, LegacyReader, LegacyWriter,
+                          load_rank_file, rank_dir_name, rank_dir_problems, rank_models, resolve_iteration,
+                          write_tracker)
 
 if TYPE_CHECKING:
     from .torch_dist import TorchDistReader, TorchDistWriter
@@ -214,8 +215,14 @@ class ImportPlan:
             dt = e.kind.out_dtype([self.source_dtypes[h] for h in e.hf], self.target)
             return max(reader.source_bytes(e), e.ctx.tp_size * math.prod(shape) * dt.itemsize)
 
+        # rank files fold their resume digest in as they are written; torch_dist's data files do not
+        per_file = GatherFile.most_held(digest=self.options.format != "torch_dist")
+
+        def write_bytes(u: Unit) -> int:  # (the MTP-head sidecar is a safetensors file, not written behind)
+            return 0 if u.name == HEADS_UNIT else len(u.outputs) * per_file
+
         return plan_workers(units, entry_bytes, factor=3, read_ahead=True, jobs=self.options.jobs,
-                            budget=self.options.max_memory)
+                            budget=self.options.max_memory, write_bytes=write_bytes)
 
 
 @lru_cache(maxsize=4096)

@@ -335,10 +335,11 @@ class WorkerPlan:
     factor: int  # copies of it one worker holds at once
     extra_bytes: int  # per worker besides those copies (read-ahead batches)
     fixed_bytes: int = FIXED_OVERHEAD
+    write_bytes: int = 0  # per worker: the most its unit's output files hold while written behind
 
     @property
     def per_worker(self) -> int:
-        return self.factor * self.largest_bytes + self.extra_bytes
+        return self.factor * self.largest_bytes + self.extra_bytes + self.write_bytes
 
     @property
     def total(self) -> int:
@@ -346,16 +347,18 @@ class WorkerPlan:
 
     def formula(self, size: Callable[[int], str]) -> str:
         extra = f" + {size(self.extra_bytes)} read-ahead" if self.extra_bytes else ""
+        extra += f" + {size(self.write_bytes)} write-behind" if self.write_bytes else ""
         return (f"{size(self.total)} = {self.workers} worker(s) x ({self.factor} x {size(self.largest_bytes)}{extra})"
                 f" + {size(self.fixed_bytes)} fixed")
 
 
 def plan_workers(units: Sequence[Unit], entry_bytes: Callable[[Entry], int], *, factor: int, read_ahead: bool,
-                 jobs: int | None, budget: int | None) -> WorkerPlan:
+                 jobs: int | None, budget: int | None, write_bytes: Callable[[Unit], int] | None = None) -> WorkerPlan:
     """Workers within `budget` bytes (default half the RAM) and `jobs` threads (default the CPU count).
 
     hf-to-mcore holds, per worker, the entry being split, its TP shards and the batch read ahead (factor 3,
-    two read-ahead batches); mcore-to-hf holds an entry's TP shards and the merged tensor (factor 2)."""
+    two read-ahead batches), and what its unit's files hold while they are written behind (`write_bytes` of the
+    largest unit); mcore-to-hf holds an entry's TP shards and the merged tensor (factor 2)."""
     best, name = 0, ""
     for u in units:
         for e in u.entries:
@@ -363,8 +366,9 @@ def plan_workers(units: Sequence[Unit], entry_bytes: Callable[[Entry], int], *, 
             if n > best:
                 best, name = n, " + ".join(e.hf) + (f" (expert {e.expert})" if e.expert is not None else "")
     extra = 2 * READ_AHEAD_BYTES if read_ahead else 0
+    writes = max((write_bytes(u) for u in units), default=0) if write_bytes is not None else 0
     budget = budget if budget is not None else default_max_memory()
-    one = WorkerPlan(1, best, name, factor, extra)
+    one = WorkerPlan(1, best, name, factor, extra, write_bytes=writes)
     if budget < one.per_worker:
         raise StepconvError(f"--max-memory {budget / 2**30:.2f} GiB is below the largest tensor working set "
                             f"{one.per_worker / 2**30:.2f} GiB; allow at least that much")
@@ -372,7 +376,7 @@ def plan_workers(units: Sequence[Unit], entry_bytes: Callable[[Entry], int], *, 
     if any(not u.ordered for u in units):
         parallel = max(parallel, max(len(u.entries) for u in units if not u.ordered))
     workers = max(1, min(jobs or os.cpu_count() or 1, parallel, budget // max(one.per_worker, 1)))
-    return WorkerPlan(workers, best, name, factor, extra)
+    return WorkerPlan(workers, best, name, factor, extra, write_bytes=writes)
 
 
 def default_max_memory() -> int:

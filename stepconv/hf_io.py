@@ -337,6 +337,14 @@ class GatherFile:
         self._written_back = 0  # where the gathered bytes' last writeback ended
         self._gathered = 0  # bytes flushed from the buffers since
 
+    @classmethod
+    def most_held(cls, digest: bool) -> int:
+        """The most memory one file holds for its writes: IN_FLIGHT bytes pending (the tensors written behind and
+        the gather buffers being written), plus the gather buffers not pending (free, or held for their digest).
+        (The worker plan counts it per output file: up to 80 MiB for a rank file, which TP=8's eight files made
+        640 MiB a worker outside the plan.)"""
+        return cls.IN_FLIGHT + (cls.DIGESTING if digest else cls.BUFFERS) * cls.BUFFER
+
     def _new_buffer(self) -> tuple:
         buf = bytearray(self.BUFFER)
         return buf, memoryview(buf), ctypes.addressof(ctypes.c_char.from_buffer(buf))

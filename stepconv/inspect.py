@@ -82,7 +82,7 @@ class TensorLine:
 
 @dataclass
 class PeakMemory:
-    """The conversion's own `engine.WorkerPlan`: estimate = workers x (factor x largest + extra) + fixed."""
+    """The conversion's own `engine.WorkerPlan`: estimate = workers x (factor x largest + extra + writes) + fixed."""
 
     largest_name: str
     largest_bytes: int
@@ -92,11 +92,12 @@ class PeakMemory:
     workers: int
     estimate_bytes: int
     formula: str  # the same arithmetic, as printed
+    write_bytes: int = 0  # per worker: what its unit's output files hold while written behind
 
     @classmethod
     def of(cls, w: WorkerPlan) -> "PeakMemory":
         return cls(w.largest_name, w.largest_bytes, w.factor, w.extra_bytes, w.fixed_bytes, w.workers, w.total,
-                   w.formula(_size))
+                   w.formula(_size), w.write_bytes)
 
 
 @dataclass

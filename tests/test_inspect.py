@@ -52,7 +52,9 @@ def test_real_config_tp8_ep8_plan(real_tp8_ep8):
     pm = r.peak_memory
     assert pm.largest_name == "model.embed_tokens.weight" and pm.largest_bytes == 129024 * 4096 * 2
     assert (pm.factor, pm.extra_bytes) == (3, 2 * (32 << 20))
-    assert pm.estimate_bytes == pm.workers * (3 * pm.largest_bytes + pm.extra_bytes) + pm.fixed_bytes
+    # each of a unit's 8 rank files may hold 64 MiB written behind and 16 gather buffers of 1 MiB
+    assert pm.write_bytes == 8 * (64 + 16) << 20
+    assert pm.estimate_bytes == pm.workers * (3 * pm.largest_bytes + pm.extra_bytes + pm.write_bytes) + pm.fixed_bytes
     assert_printed_peak_adds_up(text, pm)
     assert "model.layers.{3..44}.moe.{gate,up}_proj.weight [288,1280,4096]x2 -> " \
            "decoder.layers.{i}.mlp.experts.linear_fc1.weight{e} [320,4096]/rank" in text
@@ -66,14 +68,16 @@ _UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "TB": 1e12}
 
 
 def assert_printed_peak_adds_up(text: str, pm) -> None:
-    """The printed peak-memory line is arithmetic a reader can redo: total = workers x (factor x largest + extra) + fixed."""
+    """The printed peak-memory line is arithmetic a reader can redo:
+    total = workers x (factor x largest + read-ahead + write-behind) + fixed."""
     line = next(l for l in text.splitlines() if l.lstrip().startswith("peak mem"))
     num = r"([\d.]+) (B|KB|MB|GB|TB)"
-    m = re.search(rf"~{num} = (\d+) worker\(s\) x \((\d+) x {num}(?: \+ {num} read-ahead)? *\) \+ {num} fixed", line)
+    m = re.search(rf"~{num} = (\d+) worker\(s\) x \((\d+) x {num}(?: \+ {num} read-ahead)?(?: \+ {num} write-behind)? *\)"
+                  rf" \+ {num} fixed", line)
     assert m, line
     val = lambda i: float(m.group(i)) * _UNITS[m.group(i + 1)]  # noqa: E731
-    total, workers, factor, largest, fixed = val(1), int(m.group(3)), int(m.group(4)), val(5), val(9)
-    extra = val(7) if m.group(7) else 0.0
+    total, workers, factor, largest, fixed = val(1), int(m.group(3)), int(m.group(4)), val(5), val(11)
+    extra = (val(7) if m.group(7) else 0.0) + (val(9) if m.group(9) else 0.0)
     assert (workers, factor) == (pm.workers, pm.factor)
     assert abs(workers * (factor * largest + extra) + fixed - total) <= 0.01 * total  # 3 significant digits
     assert abs(total - pm.estimate_bytes) <= 0.005 * pm.estimate_bytes
@@ -97,7 +101,8 @@ def test_peak_memory_is_the_conversions_worker_plan(tmp_path, fixture_dir):
         r = inspect_path(fixture_dir, tp=2, ep=2, jobs=jobs, max_memory=budget)
         note = next(n for n in s.notes if "worker thread(s)" in n)
         assert note.startswith(f"{r.peak_memory.workers} worker thread(s)"), (note, r.peak_memory)
-        per_worker = r.peak_memory.factor * r.peak_memory.largest_bytes + r.peak_memory.extra_bytes
+        per_worker = (r.peak_memory.factor * r.peak_memory.largest_bytes + r.peak_memory.extra_bytes
+                      + r.peak_memory.write_bytes)
         assert f"(largest working set {per_worker / 2**20:.0f} MiB)" in note
 
 
@@ -232,3 +237,22 @@ def _n(shape) -> int:
 
 def _cfg(d: Path):
     return Step35Config.from_file(d / "config.json")
+
+
+def test_worker_plan_counts_what_output_files_hold_while_written_behind(fixture_dir):
+    """Per worker, the plan adds each of its unit's output files' write-behind bound (`GatherFile.most_held`): a
+    rank file folds its resume digest in (16 gather buffers), a torch_dist data file does not (4); TP=4 units have
+    four rank files. A budget that fits the working set without them gets fewer workers."""
+    from stepconv.hf_io import GatherFile
+
+    mib = 1 << 20
+    assert GatherFile.most_held(digest=True) == 80 * mib and GatherFile.most_held(digest=False) == 68 * mib
+    for tp, fmt, files, per_file in ((2, "torch", 2, 80), (4, "torch", 4, 80), (2, "torch_dist", 1, 68)):
+        pm = inspect_path(fixture_dir, tp=tp, format=fmt, jobs=4).peak_memory
+        assert pm.write_bytes == files * per_file * mib, (tp, fmt, pm)
+        assert f"+ {pm.write_bytes / 1e6:.2f} MB write-behind" in pm.formula
+        without = pm.factor * pm.largest_bytes + pm.extra_bytes
+        budget = 3 * (without + pm.write_bytes) // 2  # (room for two workers if writes were not counted)
+        assert budget >= 2 * without
+        tight = inspect_path(fixture_dir, tp=tp, format=fmt, jobs=4, max_memory=budget).peak_memory
+        assert tight.workers == 1, (tp, fmt, tight)
