@@ -443,14 +443,14 @@ class GatherFile:
         if buffer is not None:
             self._free.append((buffer, digest))
 
-    def close(self) -> None:
+    def close(self, sync: bool = True) -> None:
         """Write what is gathered, wait for what is written behind, fsync (a file under its final name is on the
-        disk) and close."""
+        disk; `sync=False`: the caller syncs it later, before anything vouches for it) and close."""
         try:
             self._flush()
             while self._pending:
                 self._reap()
-            if self.fd >= 0:
+            if self.fd >= 0 and sync:
                 with named_os_errors(self.path):
                     os.fsync(self.fd)
         finally:

@@ -256,6 +256,7 @@ class TorchDistWriter:
 OBJECTS = "__objects_0.distcp"
 
 
+
 class _Sink:
     """One `.distcp` file: chunks appended as `torch.save` blobs, through a `GatherFile` (small blobs gathered in one
     reused buffer: at 1/64 of the real widths a layer's ~1.2k chunks are a few KB each, and the head, the data and the
@@ -295,8 +296,12 @@ class _Sink:
         return start, self.f.pos - start
 
     def close(self) -> FileStat:
+        """Flushed and renamed, not fsynced here: the staging folder is fsynced whole (`publish.staging`) before the
+        checkpoint appears under its final name, and a torch_dist run has no resume that could trust a data file
+        before then. Each unit waiting for its own file's fsync took 19.8 s of the worker threads' time in a 38.7 s
+        torch_dist run (2-core machine, 1/8 scale, 47 data files, 167 fsyncs in all)."""
         size = self.f.pos
-        self.f.close()  # (flushed and fsynced)
+        self.f.close(sync=False)
         if self.path is not None:
             os.replace(self.tmp, self.path)
         return FileStat(size, self.data, self.chunks, self.chunks)

@@ -211,3 +211,38 @@ def test_megatron_saved_checkpoint_exports_bit_exact(tmp_path):
     assert not any(bit_equal(src[n], src["lm_head.weight"]) for n in heads)
     assert all(bit_equal(back[n], back["lm_head.weight"]) for n in heads)
     assert any("output_layer" in n for n in s.notes)
+
+
+def test_data_files_are_synced_once_by_the_publish_step(tmp_path, monkeypatch):
+    """Units close their `.distcp` files without waiting for the disk (no fsync of the `.tmp` file a unit writes);
+    each data file is fsynced once, under its final name, by the publish step's pass over the staging folder, after
+    `metadata.json` is written and before the folder is renamed into place."""
+    import os
+
+    events = []
+    fsync, open_ = os.fsync, open
+
+    def recording_fsync(fd):
+        events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
+        return fsync(fd)
+
+    def recording_open(file, *a, **k):
+        if str(file).endswith("metadata.json"):
+            events.append(("write", str(file)))
+        return open_(file, *a, **k)
+
+    hf, _ = _fixture(tmp_path)
+    out = tmp_path / "out"
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    monkeypatch.setattr("builtins.open", recording_open)
+    hf_to_mcore(hf, out, tp=2, spec="local", format="torch_dist")
+    monkeypatch.undo()
+    data = sorted(p.name for p in (out / "release").glob("__*.distcp") if p.name != "__objects_0.distcp")
+    assert len(data) > 2
+    names = [(kind, os.path.basename(n)) for kind, n in events]
+    assert not [n for kind, n in names if kind == "fsync" and n.endswith(".distcp.tmp")], names
+    synced = [i for i, (kind, n) in enumerate(names) if kind == "fsync" and n in data]
+    assert sorted(names[i][1] for i in synced) == data  # each once, under its final name
+    written = next(i for i, (kind, _) in enumerate(names) if kind == "write")
+    published = max(i for i, (kind, n) in enumerate(events) if kind == "fsync" and n == str(tmp_path))  # (renamed)
+    assert written < min(synced) and max(synced) < published
