@@ -296,7 +296,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         writer = pl.writer(tmp)
         units = writer.units(pl.entries)
         workers = pl.workers(units, reader)
-        journal = Journal(tmp, fingerprint)
+        journal = Journal(tmp, fingerprint, persist=opts.format != "torch_dist")  # (torch_dist: no --resume)
         if opts.resume:
             journal.load()
         consumed, todo = _resumed(units, journal, tmp)

@@ -213,10 +213,11 @@ def test_megatron_saved_checkpoint_exports_bit_exact(tmp_path):
     assert any("output_layer" in n for n in s.notes)
 
 
-def test_data_files_are_synced_once_by_the_publish_step(tmp_path, monkeypatch):
-    """Units close their `.distcp` files without waiting for the disk (no fsync of the `.tmp` file a unit writes);
-    each data file is fsynced once, under its final name, by the publish step's pass over the staging folder, after
-    `metadata.json` is written and before the folder is renamed into place."""
+def test_data_files_are_synced_once_by_the_publish_step_and_no_journal_is_written(tmp_path, monkeypatch):
+    """Units close their `.distcp` files without waiting for the disk (no fsync of the `.tmp` file a unit writes,
+    and no resume journal written: a torch_dist run cannot be resumed); each data file is fsynced once, under its
+    final name, by the publish step's pass over the staging folder, after `metadata.json` is written and before the
+    folder is renamed into place."""
     import os
 
     events = []
@@ -241,6 +242,7 @@ def test_data_files_are_synced_once_by_the_publish_step(tmp_path, monkeypatch):
     assert len(data) > 2
     names = [(kind, os.path.basename(n)) for kind, n in events]
     assert not [n for kind, n in names if kind == "fsync" and n.endswith(".distcp.tmp")], names
+    assert not [n for kind, n in names if "journal" in n], names
     synced = [i for i, (kind, n) in enumerate(names) if kind == "fsync" and n in data]
     assert sorted(names[i][1] for i in synced) == data  # each once, under its final name
     written = next(i for i, (kind, _) in enumerate(names) if kind == "write")
