@@ -121,6 +121,12 @@ class ImportOptions:
     def layout(self) -> Layout:
         return Layout(self.tp, self.pp, self.ep, self.etp, self.pp_first, self.pp_last, self.vpp)
 
+    @property
+    def resumable(self) -> bool:
+        """Legacy rank files: each unit is journaled (its files digested as written) and `--resume` reuses it. A
+        torch_dist run writes its index at the end: nothing to resume, so no journal is written and no digest kept."""
+        return self.format != "torch_dist"
+
     def problems(self, cfg: Step35Config) -> list[str]:
         """Every invalid option, one line each with the valid values."""
         out = self.layout.problems(cfg, legacy=self.format == "torch")
@@ -132,7 +138,7 @@ class ImportOptions:
             out.append(f"window convention must be hf or megatron; got {self.window_convention!r}")
         if self.format not in FORMATS:
             out.append(f"--format must be one of {', '.join(FORMATS)}; got {self.format!r}")
-        elif self.format == "torch_dist" and self.resume:
+        elif self.resume and not self.resumable:
             out.append("--resume works with --format torch; a torch_dist run writes its index at the end, start it again")
         return out
 
@@ -215,8 +221,7 @@ class ImportPlan:
             dt = e.kind.out_dtype([self.source_dtypes[h] for h in e.hf], self.target)
             return max(reader.source_bytes(e), e.ctx.tp_size * math.prod(shape) * dt.itemsize)
 
-        # rank files fold their resume digest in as they are written; torch_dist's data files do not
-        per_file = GatherFile.most_held(digest=self.options.format != "torch_dist")
+        per_file = GatherFile.most_held(digest=self.options.resumable)  # (the resume digest holds gather buffers)
 
         def write_bytes(u: Unit) -> int:  # (the MTP-head sidecar is a safetensors file, not written behind)
             return 0 if u.name == HEADS_UNIT else len(u.outputs) * per_file
@@ -296,7 +301,7 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
         writer = pl.writer(tmp)
         units = writer.units(pl.entries)
         workers = pl.workers(units, reader)
-        journal = Journal(tmp, fingerprint, persist=opts.format != "torch_dist")  # (torch_dist: no --resume)
+        journal = Journal(tmp, fingerprint, persist=opts.resumable)
         if opts.resume:
             journal.load()
         consumed, todo = _resumed(units, journal, tmp)

@@ -302,10 +302,10 @@ def file_digest(path: Path, crcs: "BlockCrcs | None" = None) -> str:
     file. Rank files are written without torch's per-record CRC-32 (issue 11: its miniz CRC ran at ~300 MB/s and was
     half the import's CPU), so the record CRCs are 0 and the archive itself cannot vouch for its bytes. The writer
     folds the blocks in as it writes (`crcs`, a `BlockCrcs` of the whole file, on a thread of its own: from the
-    gather buffers, and large pieces reread just after they were written); without them every block is reread here, on up to the CPU count of threads
-    (`_block_crcs`), which at the end of a unit cost whole seconds: 8.1 of a 28 s TP=2 run at real width on the
-    2-core machine (11.85 GB, the output's pages partly evicted by then). The directory is read in one pass where
-    torch laid the archive out (`torch_zip.central_directory`).
+    gather buffers, and large pieces reread just after they were written); without them every block is reread
+    here, on up to the CPU count of threads (`_block_crcs`), which at the end of a unit cost whole seconds: 8.1 of a
+    28 s TP=2 run at real width on the 2-core machine (11.85 GB, the output's pages partly evicted by then). The
+    directory is read in one pass where torch laid the archive out (`torch_zip.central_directory`).
     Any other file (the MTP-head sidecar, torch_dist data: rereading them would double the I/O): size and mtime."""
     if path.suffix == ".pt":
         from .torch_zip import central_directory  # (torch_zip imports torch)

@@ -256,7 +256,6 @@ class TorchDistWriter:
 OBJECTS = "__objects_0.distcp"
 
 
-
 class _Sink:
     """One `.distcp` file: chunks appended as `torch.save` blobs, through a `GatherFile` (small blobs gathered in one
     reused buffer: at 1/64 of the real widths a layer's ~1.2k chunks are a few KB each, and the head, the data and the
