@@ -70,6 +70,9 @@ def hf_to_mcore_cmd(
                                                                          "[default: half the machine's RAM]."),
     jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Most rank-file groups converted at once "
                                                                   "[default: CPU count, within --max-memory]."),
+    processes: bool = typer.Option(True, "--processes/--threads", help="Run rank-file groups in worker processes "
+                                                                       "(forked; not on Windows) or in threads of one "
+                                                                       "process."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
 ) -> None:
     """Convert a HF checkpoint to Megatron: legacy per-rank files (mp_rank_*/model_optim_rng.pt) or torch_dist.
@@ -88,7 +91,7 @@ def hf_to_mcore_cmd(
     with progress(total, "hf-to-mcore", quiet=quiet) as report:
         s = hf_to_mcore(hf_dir, out, tp=tp, pp=pp, ep=ep, spec=spec, dtype=dtype, overwrite=overwrite,
                         window_convention=window, resume=resume, max_memory=budget, jobs=jobs, progress=report,
-                        format=fmt, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp)
+                        format=fmt, etp=etp, pp_first=pp_first, pp_last=pp_last, vpp=vpp, processes=processes)
     typer.echo("\n".join(s.lines()))
 
 

@@ -22,7 +22,8 @@ import torch
 
 from . import __version__
 from .config import DTYPE_NAMES, DTYPES, SAFETENSORS_DTYPES, Step35Config, StepconvError, names_text
-from .engine import Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, gc_paused, plan_workers
+from .engine import (Progress, ReaderBase, Unit, WorkerPlan, default_max_memory, execute, gc_paused, in_processes,
+                     plan_workers)
 from .publish import Journal, audit_on_disk, staging
 from .hf_io import (MAX_SIZE, GatherFile, HFCheckpoint, HFReader, HFWriter, TensorInfo, carried_files, copy_files,
                     hf_tensor_problems, parse_size)
@@ -107,6 +108,7 @@ class ImportOptions:
     pp_first: int | None = None  # decoder_first_pipeline_num_layers (None: an even share)
     pp_last: int | None = None  # decoder_last_pipeline_num_layers
     vpp: int | None = None  # virtual pipeline stages per PP rank (None: none)
+    processes: bool = True  # units in forked worker processes where fork exists (False: threads of this process)
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "ImportOptions":
@@ -306,7 +308,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
             journal.load()
         consumed, todo = _resumed(units, journal, tmp)
         got, results = execute(todo, reader, writer, pl.step, workers=workers.workers, progress=progress,
-                               largest_bytes=workers.largest_bytes, unit_done=journal.complete)
+                               largest_bytes=workers.largest_bytes, unit_done=journal.complete,
+                               processes=opts.processes)
         consumed.update(got)
         audit_on_disk(tmp, journal.sizes())  # what is on disk, not what was counted
         # every element of every source tensor consumed exactly once, judged against the files, not the plan
@@ -316,7 +319,8 @@ def hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike | None = N
     summary.bytes_read = ckpt.bytes_read
     summary.seconds = time.time() - t0
     summary.notes += import_notes(pl)
-    summary.notes.append(f"{workers.workers} worker thread(s) within --max-memory "
+    kind = "process(es)" if in_processes(todo, workers.workers, opts.processes) else "thread(s)"
+    summary.notes.append(f"{workers.workers} worker {kind} within --max-memory "
                          f"{(opts.max_memory if opts.max_memory is not None else default_max_memory()) / 2**30:.1f} GiB "
                          f"(largest working set {workers.per_worker / 2**20:.0f} MiB)"
                          + (f"; resumed, {len(units) - len(todo)} of {len(units)} unit(s) already complete"

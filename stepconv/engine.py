@@ -5,12 +5,14 @@ source tensors, a `step` that turns them into target tensors (`kind.split` per T
 and a `Writer` that puts them somewhere. `execute` drives them in this order:
 
     writer.begin()
-    for each unit (ordered units run concurrently, one thread each; unordered units one after the other):
+    for each unit (ordered units run concurrently, one thread or one worker process each (`processes`);
+                   unordered units one after the other):
         reader.open(unit); writer.start(unit)
         for each entry of the unit (ordered: in plan order, sources read ahead on a second thread;
                                      unordered: in any order, on the worker threads):
             targets = step(entry, reader.read(entry)); writer.put(unit, entry, targets)
         result = writer.end(unit); reader.close(unit)
+        (a worker process: reader.handover(unit), writer.handover(unit); the parent: take_over(unit, state))
     writer.finish()  (not by `execute`: the caller writes its metadata last, then publishes)
 
 Implementations: legacy rank files (`megatron_io.LegacyWriter` / `LegacyReader`), HF safetensors
@@ -32,6 +34,7 @@ from typing import Any, Callable, Iterator, Protocol, Sequence
 import torch
 
 from . import buffers
+from . import processes as forked
 from .config import StepconvError
 from .mapping import Entry
 
@@ -49,10 +52,11 @@ class ByteCount:
     workers' read-ahead threads of a torch_dist conversion: with --idle, py-spy put 4.9k of the read threads' samples
     at that lock, 16-core device, 1/8.)"""
 
-    __slots__ = ("_slots",)
+    __slots__ = ("_slots", "_taken")
 
     def __init__(self):
         self._slots: dict[int, int] = {}
+        self._taken = 0
 
     def add(self, n: int) -> None:
         k = threading.get_ident()
@@ -61,6 +65,12 @@ class ByteCount:
     @property
     def total(self) -> int:
         return sum(list(self._slots.values()))
+
+    def take(self) -> int:
+        """Bytes added since the last `take` (a worker process hands its count over unit by unit)."""
+        total = self.total
+        n, self._taken = total - self._taken, total
+        return n
 
 
 @dataclass
@@ -225,30 +235,40 @@ def gc_paused() -> Iterator[None]:
 def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *, workers: int = 1,
             progress: Progress | None = None, largest_bytes: int = 0,
             unit_done: Callable[[Unit, Counter, UnitResult], None] | None = None,
-            measure: Measure | None = None) -> tuple[Counter, list[UnitResult]]:
+            measure: Measure | None = None, processes: bool = False) -> tuple[Counter, list[UnitResult]]:
     """Run `units` through reader -> step -> writer (call order in the module docstring), with one intra-op
     thread and reused buffers (`buffers.pooled`, at most max(256 MiB, 2 x `largest_bytes`) held).
 
     `progress` gets each entry's bytes: `measure(entry, sources, targets)`, by default the sources' bytes of the
     entries the audit counts (each source byte once, so the total is the source's size).
+    `processes`: run the ordered units in up to `workers` forked processes (`processes.run_units`) where there are
+    two or more and fork exists; the reader and writer then hand their state back (`handover`/`take_over`).
     Returns the source elements consumed per HF name (for the audit) and each unit's result."""
     with one_intra_op_thread(), buffers.pooled(max(buffers.DEFAULT_POOL, 2 * largest_bytes)), gc_paused():
         return _execute(units, reader, writer, step, workers=workers, progress=progress, unit_done=unit_done,
-                        measure=measure)
+                        measure=measure, processes=processes)
+
+
+def in_processes(units: Sequence[Unit], workers: int, processes: bool) -> bool:
+    """Does `execute(..., processes=processes)` run these units in worker processes? Where asked, with two or
+    more workers and ordered units, and fork is available."""
+    return processes and workers > 1 and sum(u.ordered for u in units) > 1 and forked.available()
 
 
 def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *, workers: int,
              progress: Progress | None, unit_done: Callable[[Unit, Counter, UnitResult], None] | None,
-             measure: Measure | None) -> tuple[Counter, list[UnitResult]]:
+             measure: Measure | None, processes: bool) -> tuple[Counter, list[UnitResult]]:
     progress_lock = threading.Lock()
     consumed: Counter = Counter()
     results: list[UnitResult] = []
 
-    def advance(n: int, entry: Entry) -> None:
+    def locked(n: int, label: str) -> None:
         with progress_lock:
-            progress(n, entry.key or entry.hf[0])
+            progress(n, label)
 
-    def one(unit: Unit, entry: Entry, srcs, mine: Counter) -> None:
+    report: Callable[[int, str], None] | None = locked if progress is not None else None
+
+    def one(unit: Unit, entry: Entry, srcs, mine: Counter, report=report) -> None:
         try:
             targets = step(entry, srcs)
         except (ValueError, RuntimeError) as e:  # a kind's layout check, or shapes torch cannot join
@@ -259,28 +279,39 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
         if counted:  # (`mine` is the calling thread's own)
             for h, t in zip(entry.hf, srcs):
                 mine[h] += t.numel()
-        if progress is not None:
+        if report is not None:
             # by default what the audit counts, each source byte once: EP units read the non-expert tensors again
             # and replicas are read once per copy (hf-to-mcore TP=2 x EP=2 showed 142.6%)
             if measure is not None:
-                advance(measure(entry, srcs, targets), entry)
+                report(measure(entry, srcs, targets), entry.key or entry.hf[0])
             elif counted:
-                advance(sum(s.numel() * s.element_size() for s in srcs), entry)
+                report(sum(s.numel() * s.element_size() for s in srcs), entry.key or entry.hf[0])
+
+    def done(unit: Unit, mine: Counter, res: UnitResult) -> None:
+        if unit_done:
+            unit_done(unit, mine, res)
 
     def finish(unit: Unit, mine: Counter) -> UnitResult:
         res = writer.end(unit)
         reader.close(unit)
-        if unit_done:
-            unit_done(unit, mine, res)
+        done(unit, mine, res)
         return res
 
-    def ordered(unit: Unit) -> tuple[Counter, UnitResult]:
+    def run(unit: Unit, report) -> tuple[Counter, UnitResult]:
+        """An ordered unit, start to end, on the calling thread (of this process or of a worker process)."""
         mine: Counter = Counter()
         reader.open(unit)
         writer.start(unit)
         for entry, srcs in _read_ahead(reader, unit.entries):
-            one(unit, entry, srcs, mine)
-        return mine, finish(unit, mine)
+            one(unit, entry, srcs, mine, report)
+        res = writer.end(unit)
+        reader.close(unit)
+        return mine, res
+
+    def ordered(unit: Unit) -> tuple[Counter, UnitResult]:
+        mine, res = run(unit, report)
+        done(unit, mine, res)
+        return mine, res
 
     def unordered(pool: ThreadPoolExecutor, unit: Unit) -> Counter:
         """The unit's entries taken one at a time from a shared iterator by one task per worker thread, each
@@ -311,8 +342,15 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
         return mine
 
     writer.begin()
+    in_order = [u for u in units if u.ordered]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        for c, res in pool.map(ordered, [u for u in units if u.ordered]):
+        if in_processes(units, workers, processes):
+            # (`report` None in a worker process when there is no progress to show: nothing sent per entry)
+            ran = forked.run_units(in_order, workers, lambda u, r: run(u, r if report is not None else None),
+                                   reader=reader, writer=writer, report=report, done=done)
+        else:
+            ran = pool.map(ordered, in_order)
+        for c, res in ran:
             consumed.update(c)
             results.append(res)
         for unit in (u for u in units if not u.ordered):

@@ -995,6 +995,13 @@ class HFReader:
 
     close = open
 
+    def handover(self, unit) -> int | None:
+        """(engine, worker processes) The bytes this process read since the last handover."""
+        return self.ckpt._read.take() if self.ckpt is not None else None
+
+    def take_over(self, unit, n: int) -> None:
+        self.ckpt._read.add(n)
+
     def read(self, entry) -> list[torch.Tensor]:
         if self.meta:
             return [torch.empty(s, dtype=self.dtypes[h], device="meta") for h, s in zip(entry.hf, entry.source_shapes)]

@@ -377,6 +377,11 @@ class BlockCrcs:
         except OSError:
             self.broken = True
 
+    def __getstate__(self):
+        """(Sent back from a worker process: the CRCs, not the buffer or the writer's descriptor.)"""
+        return None, {"fd": -1, "path": self.path, "done": self.done, "crc": self.crc, "pos": self.pos,
+                      "buf": None, "broken": self.broken}
+
     def covers(self, size: int) -> bool:
         """Were all of a `size`-byte file's bytes folded in?"""
         return not self.broken and self.pos == size

@@ -216,6 +216,14 @@ class TorchDistWriter:
             return close_heads(self.root, f)
         return UnitResult({unit.outputs[0]: f.close()})
 
+    def handover(self, unit: Unit | None) -> list[tuple] | None:
+        """(engine, worker processes) The chunks `unit` wrote, for the parent's index."""
+        return self._chunks.pop(unit.name, None) if unit is not None else None
+
+    def take_over(self, unit: Unit, chunks: list[tuple]) -> None:
+        with self._lock:
+            self._chunks[unit.name] = chunks
+
     def finish(self) -> dict[str, FileStat]:
         """Audit (every global tensor covered exactly once), then write the objects' blob, `common.pt`, the DCP
         index and, last, `metadata.json`. Returns what those files hold."""

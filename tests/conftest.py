@@ -1,4 +1,5 @@
 import glob
+import hashlib
 import importlib.util
 import shutil
 import sys
@@ -27,6 +28,15 @@ def load_hf(d) -> dict[str, torch.Tensor]:
 def bit_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
         a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8))
+
+
+def tree_digest(root) -> dict[str, str]:
+    """sha256 of every file under `root`, by relative path."""
+    out = {}
+    for p in Path(root).rglob("*"):
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
 
 
 @pytest.fixture(scope="session")

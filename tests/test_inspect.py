@@ -99,8 +99,9 @@ def test_peak_memory_is_the_conversions_worker_plan(tmp_path, fixture_dir):
     for jobs, budget in ((3, None), (8, 400 << 20), (1, None)):
         s = hf_to_mcore(fixture_dir, tmp_path / f"m{jobs}", tp=2, ep=2, jobs=jobs, max_memory=budget)
         r = inspect_path(fixture_dir, tp=2, ep=2, jobs=jobs, max_memory=budget)
-        note = next(n for n in s.notes if "worker thread(s)" in n)
-        assert note.startswith(f"{r.peak_memory.workers} worker thread(s)"), (note, r.peak_memory)
+        note = next(n for n in s.notes if "within --max-memory" in n)
+        kind = "thread(s)" if r.peak_memory.workers == 1 else "process(es)"  # (several units: worker processes)
+        assert note.startswith(f"{r.peak_memory.workers} worker {kind}"), (note, r.peak_memory)
         per_worker = (r.peak_memory.factor * r.peak_memory.largest_bytes + r.peak_memory.extra_bytes
                       + r.peak_memory.write_bytes)
         assert f"(largest working set {per_worker / 2**20:.0f} MiB)" in note

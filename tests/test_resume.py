@@ -1,7 +1,5 @@
 """kill -9 mid-conversion, rerun with --resume: completed rank files are kept, output is byte-identical."""
 
-import hashlib
-import os
 import signal
 import subprocess
 import sys
@@ -9,16 +7,9 @@ import time
 
 import pytest
 
-from conftest import make_fixture
+from conftest import make_fixture, tree_digest as digest
 
 
-def digest(root):
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for f in files:
-            p = os.path.join(dirpath, f)
-            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
-    return out
 
 
 def cli(*args):

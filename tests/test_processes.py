@@ -1,0 +1,230 @@
+"""hf-to-mcore's units in worker processes (stepconv.processes): the same bytes as threads, every unit's state
+handed back, failures reported as one line with nothing published, and no worker outliving its parent."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import make_fixture, tree_digest as digest
+from stepconv import processes, safety
+from stepconv.config import StepconvError
+from stepconv.convert import hf_to_mcore
+from stepconv.engine import ByteCount
+from stepconv.hf_io import HFCheckpoint
+from stepconv.megatron_io import LegacyWriter
+from stepconv.torch_dist import TorchDistWriter
+
+pytestmark = pytest.mark.skipif(not processes.available(), reason="worker processes need fork and Linux")
+
+
+@pytest.fixture
+def unit_pids(tmp_path, monkeypatch):
+    """(unit name, pid) of each unit the writers end, from whichever process ran it (a file: a worker process's
+    lists die with it)."""
+    log = tmp_path / "units.log"
+    for cls in (LegacyWriter, TorchDistWriter):
+        def end(self, unit, _end=cls.end):
+            with open(log, "a") as f:
+                f.write(f"{unit.name}\t{os.getpid()}\n")
+            return _end(self, unit)
+        monkeypatch.setattr(cls, "end", end)
+
+    def read():
+        return [tuple(line.split("\t")) for line in log.read_text().splitlines()] if log.exists() else []
+    return read
+
+
+@pytest.mark.parametrize("options", [dict(tp=2, ep=2), dict(tp=2, pp=2), dict(tp=2, format="torch_dist")],
+                         ids=["tp2-ep2", "tp2-pp2", "torch_dist"])
+def test_worker_processes_write_the_bytes_threads_write(tmp_path, fixture_dir, options, unit_pids):
+    progress = {}
+
+    def counter(key):
+        progress[key] = 0
+
+        def report(n, label):
+            progress[key] += n
+        return report
+
+    a = hf_to_mcore(fixture_dir, tmp_path / "threads", jobs=3, processes=False, progress=counter("threads"),
+                    **options)
+    ran_threads = unit_pids()
+    b = hf_to_mcore(fixture_dir, tmp_path / "procs", jobs=3, processes=True, progress=counter("procs"), **options)
+    ran_procs = unit_pids()[len(ran_threads):]
+    assert {pid for _, pid in ran_threads} == {str(os.getpid())}
+    assert str(os.getpid()) not in {pid for _, pid in ran_procs}  # every ordered unit ran in a worker process
+    assert len({pid for _, pid in ran_procs}) >= 2
+    assert sorted(n for n, _ in ran_procs) == sorted(n for n, _ in ran_threads)
+
+    assert digest(tmp_path / "procs") == digest(tmp_path / "threads")  # torch_dist's index (.metadata) included
+    source = sum(t.nbytes for t in HFCheckpoint(fixture_dir).tensors.values())
+    assert progress == {"threads": source, "procs": source}  # each source byte reported once, from any process
+    assert (b.bytes_read, b.bytes_written, b.tensors, b.files) == (a.bytes_read, a.bytes_written, a.tensors, a.files)
+    assert b.bytes_read > 0
+    assert any(n.startswith("3 worker process(es)") for n in b.notes), b.notes
+    assert any(n.startswith("3 worker thread(s)") for n in a.notes), a.notes
+
+
+def test_rank_file_digests_come_back_from_the_workers(tmp_path, fixture_dir, monkeypatch):
+    """The resume journal digests each rank file from the CRCs its writer folded in while writing, in whichever
+    process that ran: rereading the file instead (what a lost or broken `BlockCrcs` would cause) fails here."""
+    def reread(path):
+        raise AssertionError(f"{path} was reread for its digest")
+    monkeypatch.setattr(safety, "_block_crcs", reread)
+    hf_to_mcore(fixture_dir, tmp_path / "o", tp=2, ep=2, jobs=2, processes=True)
+    with pytest.raises(AssertionError, match="reread"):  # (the check itself: a file digested without its CRCs)
+        safety.file_digest(next((tmp_path / "o").rglob("model_optim_rng.pt")))
+
+
+def test_an_error_in_a_worker_process_is_the_units_own_one_line_error(tmp_path, fixture_dir, monkeypatch):
+    def put(self, unit, entry, tensors, _put=LegacyWriter.put):
+        if unit.ep_rank == 1 and "linear_fc2" in (entry.key or ""):
+            raise StepconvError(f"{entry.key}: a bad tensor (injected)")
+        _put(self, unit, entry, tensors)
+    monkeypatch.setattr(LegacyWriter, "put", put)
+    with pytest.raises(StepconvError, match=r"linear_fc2.*: a bad tensor \(injected\)$") as e:
+        hf_to_mcore(fixture_dir, tmp_path / "o", tp=2, ep=2, jobs=2, processes=True)
+    assert "\n" not in str(e.value)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_a_worker_process_that_dies_stops_the_run_and_says_so(tmp_path, fixture_dir, monkeypatch):
+    pids = tmp_path / "pids"
+
+    def put(self, unit, entry, tensors, _put=LegacyWriter.put):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        if unit.ep_rank == 1:
+            os._exit(7)  # (what the kernel's OOM killer leaves: no message, no cleanup)
+        _put(self, unit, entry, tensors)
+    monkeypatch.setattr(LegacyWriter, "put", put)
+    t = time.time()
+    with pytest.raises(StepconvError, match=r"worker process converting stage 0 ep 1 died \(exit code 7\)"):
+        hf_to_mcore(fixture_dir, tmp_path / "o", tp=2, ep=2, jobs=2, processes=True)
+    assert time.time() - t < 60
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+    workers = {int(p) for p in pids.read_text().split()}
+    assert len(workers) == 2 and os.getpid() not in workers
+    assert not [p for p in workers if _alive(p)]  # the other worker was stopped, not left running
+
+
+class Unpicklable(Exception):
+    def __reduce__(self):
+        raise TypeError("not this one")
+
+
+@pytest.mark.parametrize("exc", [KeyError("an internal bug (injected)"), OSError(27, "File too large", "x.pt"),
+                                 KeyboardInterrupt(), Unpicklable("an internal bug (injected)")],
+                         ids=["KeyError", "OSError", "KeyboardInterrupt", "unpicklable"])
+def test_a_worker_processs_exception_is_raised_again_with_where_it_came_from(tmp_path, fixture_dir, monkeypatch,
+                                                                             exc):
+    """The CLI words a StepconvError, an OSError (errno, path) and an interrupt as it does without workers; any
+    other exception carries the worker's traceback."""
+    def put(self, unit, entry, tensors, _put=LegacyWriter.put):
+        if unit.ep_rank == 1:
+            raise exc
+        _put(self, unit, entry, tensors)
+    monkeypatch.setattr(LegacyWriter, "put", put)
+    with pytest.raises(BaseException) as e:
+        hf_to_mcore(fixture_dir, tmp_path / "o", tp=2, ep=2, jobs=2, processes=True)
+    if isinstance(exc, Unpicklable):
+        assert type(e.value) is RuntimeError
+        assert "converting stage 0 ep 1 failed:" in str(e.value) and "Unpicklable: an internal bug" in str(e.value)
+    else:
+        assert type(e.value) is type(exc) and e.value.args == exc.args
+        assert "converting stage 0 ep 1:" in e.value.__notes__[0] and "in put" in e.value.__notes__[0]
+    if isinstance(exc, OSError):
+        assert (e.value.errno, e.value.filename) == (27, "x.pt")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.partial").exists()
+
+
+def test_byte_count_take_is_what_was_added_since():
+    c = ByteCount()
+    c.add(5)
+    assert c.take() == 5
+    c.add(3)
+    c.add(4)
+    assert (c.take(), c.take(), c.total) == (7, 0, 12)
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out += [int(x) for x in open(f"/proc/{pid}/task/{task}/children").read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _kill_9(proc, workers: list[int]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline and any(_alive(p) for p in workers):
+        time.sleep(0.01)
+    assert not any(_alive(p) for p in workers), "a worker process outlived its killed parent"
+
+
+SLEEPER = """
+import os, sys, time
+from stepconv import processes
+
+def run(unit, report):
+    print(os.getpid(), flush=True)
+    time.sleep(120)
+
+processes.run_units(["a", "b"], 2, run, reader=None, writer=None, report=None, done=lambda *a: None)
+"""
+
+
+def test_worker_processes_die_with_their_parent(tmp_path):
+    """A killed conversion's workers die with it, mid-unit: else they would finish their units into the `.partial`
+    folder while a `--resume` started at once writes the same files."""
+    proc = subprocess.Popen([sys.executable, "-c", SLEEPER], stdout=subprocess.PIPE, text=True)
+    workers = [int(proc.stdout.readline()) for _ in range(2)]
+    assert all(_alive(p) for p in workers)
+    _kill_9(proc, workers)
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_with_worker_processes_is_byte_identical(tmp_path):
+    """kill -9 of a conversion running units in worker processes: its workers go too, and `--resume` completes it
+    byte for byte as an uninterrupted run."""
+    if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
+        pytest.skip("no /proc/<pid>/task/<tid>/children here")
+    hf = make_fixture.make_checkpoint(tmp_path / "hf", num_layers=8, hidden=1024, ffn=1024, moe_ffn=512, experts=8)
+    cli = [sys.executable, "-m", "stepconv.cli", "hf-to-mcore", str(hf)]
+    opts = ["--tp", "2", "--pp", "2", "--ep", "2", "--jobs", "2", "-q"]
+    ref = tmp_path / "ref"
+    assert subprocess.run([*cli, "-o", ref, *opts, "--threads"], capture_output=True).returncode == 0
+
+    out, partial = tmp_path / "out", tmp_path / "out.partial"
+    journal = partial / ".stepconv-journal.json"
+    proc = subprocess.Popen([*cli, "-o", out, *opts])
+    deadline, workers = time.time() + 120, []
+    while time.time() < deadline and proc.poll() is None:
+        workers = _children(proc.pid)
+        if len(workers) >= 2 and journal.exists() and journal.read_text().count('"outputs"') >= 1:
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None and len(workers) >= 2, "conversion finished before it could be killed"
+    _kill_9(proc, workers)
+    assert not out.exists()
+
+    r = subprocess.run([*cli, "-o", out, "--resume", *opts], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "already complete" in r.stdout
+    assert digest(out) == digest(ref)
