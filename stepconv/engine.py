@@ -362,7 +362,7 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
     return consumed, results
 
 
-# --- memory: the one function that sizes the thread pool and that `inspect` prints ------------------------
+# --- memory: the one function that sizes the workers and that `inspect` prints ------------------------
 @dataclass(frozen=True)
 class WorkerPlan:
     """How many units run at once and the memory that takes: `workers x per_worker + fixed`."""

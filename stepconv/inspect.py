@@ -9,7 +9,7 @@ HF input runs `convert.plan_import`'s plan through `LegacyWriter` fed meta tenso
 out every record of every rank file, skipping the bytes), Megatron input runs `convert.plan_export`'s plan
 through `HFWriter(dry=True)` fed meta tensors of the rank files' own shapes. Names, shapes, bytes and the
 validation are therefore the conversion's own; the peak-memory line is the `WorkerPlan` the conversion sizes
-its thread pool with. Errors are collected (every invalid option, every tensor problem), not raised.
+its workers with. Errors are collected (every invalid option, every tensor problem), not raised.
 `render(report)` formats the report as plain text; `report.to_dict()` is JSON-ready.
 """
 

@@ -228,3 +228,14 @@ def test_kill_9_then_resume_with_worker_processes_is_byte_identical(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "already complete" in r.stdout
     assert digest(out) == digest(ref)
+
+
+def test_the_cli_runs_units_in_processes_unless_told_threads(tmp_path, fixture_dir):
+    """`--threads` is the library's processes=False; the summary says which ran, and the outputs are the same."""
+    cli = [sys.executable, "-m", "stepconv.cli", "hf-to-mcore", "-q", "--tp", "2", "--ep", "2", "-j", "2",
+           str(fixture_dir)]
+    procs = subprocess.run([*cli, "-o", str(tmp_path / "p")], capture_output=True, text=True)
+    threads = subprocess.run([*cli, "-o", str(tmp_path / "t"), "--threads"], capture_output=True, text=True)
+    assert procs.returncode == 0 and threads.returncode == 0, procs.stderr + threads.stderr
+    assert "2 worker process(es)" in procs.stdout and "2 worker thread(s)" in threads.stdout
+    assert digest(tmp_path / "p") == digest(tmp_path / "t")
