@@ -155,8 +155,8 @@ def run_units(units: Sequence, n: int, run: Callable, *, reader, writer,
                     p.join(5)
                     failure = StepconvError(
                         f"the worker process converting {units[busy[conn]].name} died (exit code {p.exitcode}"
-                        f"{', killed: out of memory?' if p.exitcode == -9 else ''}); nothing was published: "
-                        f"lower --jobs or --max-memory, or run with --threads")
+                        f"{', killed: out of memory?' if p.exitcode == -9 else ''}); nothing was published; if "
+                        f"memory ran out, lower --jobs or --max-memory")
                     break
                 kind = msg[0]
                 if kind == "progress":
