@@ -291,10 +291,9 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
         if unit_done:
             unit_done(unit, mine, res)
 
-    def finish(unit: Unit, mine: Counter) -> UnitResult:
+    def end(unit: Unit) -> UnitResult:
         res = writer.end(unit)
         reader.close(unit)
-        done(unit, mine, res)
         return res
 
     def run(unit: Unit, report) -> tuple[Counter, UnitResult]:
@@ -304,9 +303,7 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
         writer.start(unit)
         for entry, srcs in _read_ahead(reader, unit.entries):
             one(unit, entry, srcs, mine, report)
-        res = writer.end(unit)
-        reader.close(unit)
-        return mine, res
+        return mine, end(unit)
 
     def ordered(unit: Unit) -> tuple[Counter, UnitResult]:
         mine, res = run(unit, report)
@@ -345,9 +342,7 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
     in_order = [u for u in units if u.ordered]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         if in_processes(units, workers, processes):
-            # (`report` None in a worker process when there is no progress to show: nothing sent per entry)
-            ran = forked.run_units(in_order, workers, lambda u, r: run(u, r if report is not None else None),
-                                   reader=reader, writer=writer, report=report, done=done)
+            ran = forked.run_units(in_order, workers, run, reader=reader, writer=writer, report=report, done=done)
         else:
             ran = pool.map(ordered, in_order)
         for c, res in ran:
@@ -358,7 +353,9 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
             writer.start(unit)
             mine = unordered(pool, unit)
             consumed.update(mine)
-            results.append(finish(unit, mine))
+            res = end(unit)
+            done(unit, mine, res)
+            results.append(res)
     return consumed, results
 
 

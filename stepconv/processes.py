@@ -84,12 +84,13 @@ class _Reporter:
 
 
 def _worker(parent: int, conn: Connection, others: list[Connection], units: Sequence, run: Callable, reader,
-            writer) -> None:
-    """A worker process: run the units the parent names until it sends None."""
+            writer, progress: bool) -> None:
+    """A worker process: run the units the parent names until it sends None. `progress`: the parent shows it (else
+    `run` gets no reporter, and nothing is counted or sent per entry)."""
     _die_with_parent(parent)
     for c in others:  # the parent's ends of the pipes: only the parent may hold them, so a child sees it die (EOF)
         c.close()
-    report = _Reporter(conn)
+    report = _Reporter(conn) if progress else None
     _handover(reader, None)  # (what the parent had done before the fork is the parent's: start counting from here)
     while True:
         try:
@@ -101,7 +102,8 @@ def _worker(parent: int, conn: Connection, others: list[Connection], units: Sequ
         unit = units[i]
         try:
             consumed, res = run(unit, report)
-            report.flush()
+            if report is not None:
+                report.flush()
             conn.send(("done", i, consumed, res, _handover(reader, unit), _handover(writer, unit)))
         except BaseException as e:  # the exception itself, raised again by the parent (KeyboardInterrupt too)
             try:
@@ -115,9 +117,10 @@ def _worker(parent: int, conn: Connection, others: list[Connection], units: Sequ
 def run_units(units: Sequence, n: int, run: Callable, *, reader, writer,
               report: Callable[[int, str], None] | None,
               done: Callable[[Any, Counter, Any], None]) -> list[tuple[Counter, Any]]:
-    """`run(unit, report) -> (consumed, result)` for each of `units` in up to `n` forked processes; `done(unit,
-    consumed, result)` in this process as each completes. Returns the results in unit order. A unit that fails
-    raises here (its StepconvError as is) once every process has stopped."""
+    """`run(unit, report) -> (consumed, result)` for each of `units` in up to `n` forked processes (`report` None
+    there when this process's `report` is None); `done(unit, consumed, result)` in this process as each completes.
+    Returns the results in unit order. A unit that fails raises here (its StepconvError as is) once every process
+    has stopped."""
     ctx = multiprocessing.get_context("fork")
     procs: list[tuple[Any, Connection]] = []
     busy: dict[Connection, int] = {}  # a process's pipe -> the unit it runs
@@ -140,7 +143,8 @@ def run_units(units: Sequence, n: int, run: Callable, *, reader, writer,
             for _ in range(max(1, min(n, len(units)))):
                 here, there = ctx.Pipe()
                 p = ctx.Process(target=_worker, args=(os.getpid(), there, [c for _, c in procs] + [here], units, run,
-                                                      reader, writer), daemon=True, name="stepconv-unit")
+                                                      reader, writer, report is not None), daemon=True,
+                                name="stepconv-unit")
                 p.start()
                 there.close()
                 procs.append((p, here))
