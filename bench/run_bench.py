@@ -359,13 +359,13 @@ def call_library(argv: list[str]) -> int:
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1)
     ap.add_argument("--format", default="torch")
-    ap.add_argument("--jobs", type=int, default=None)
+    ap.add_argument("--jobs", "-j", type=int, default=None)
     ap.add_argument("--threads", action="store_true")
     a = ap.parse_args(argv)
     if a.command == "hf-to-mcore":
         hf_to_mcore(a.paths[0], a.out, tp=a.tp, ep=a.ep, format=a.format, jobs=a.jobs, processes=not a.threads)
     elif a.command == "mcore-to-hf":
-        mcore_to_hf(a.paths[0], a.out, jobs=a.jobs)
+        mcore_to_hf(a.paths[0], a.out, jobs=a.jobs, processes=not a.threads)
     else:
         return 0 if compare_hf(a.paths[0], a.paths[1]).identical else 1
     return 0

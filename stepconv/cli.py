@@ -105,8 +105,11 @@ def mcore_to_hf_cmd(
                                                                        "Megatron training run (no stepconv metadata)."),
     max_shard_size: str = typer.Option("5GB", "--max-shard-size", help="Largest safetensors file, e.g. 5GB, 500MB."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output folder."),
-    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Tensors merged and written at once, each on its own "
-                                                                  "thread [default: CPU count, at most 4]."),
+    jobs: Optional[int] = typer.Option(None, "--jobs", "-j", help="Tensors merged and written at once, each in its own "
+                                                                  "worker [default: CPU count, at most 4]."),
+    processes: bool = typer.Option(True, "--processes/--threads", help="Merge in worker processes (forked; not on "
+                                                                       "Windows) where tensors average under 1 MiB, "
+                                                                       "or always in threads of one process."),
     dtype: str = typer.Option("source", "--dtype", help="HF dtype of the output: source (each tensor's original dtype as "
                                                          "hf-to-mcore recorded it, else config.json's torch_dtype), "
                                                          "bf16, fp16 or fp32 (e.g. fp32 after training in fp32; the "
@@ -124,7 +127,7 @@ def mcore_to_hf_cmd(
 
     with progress(0, "mcore-to-hf", quiet=quiet) as report:
         s = mcore_to_hf(mcore_dir, out, iteration=iteration, hf_config=hf_config, max_shard_size=max_shard_size,
-                        overwrite=overwrite, jobs=jobs, dtype=dtype, progress=report)
+                        overwrite=overwrite, jobs=jobs, dtype=dtype, progress=report, processes=processes)
     typer.echo("\n".join(s.lines()))
 
 

@@ -435,12 +435,25 @@ class ExportPlan:
         return plan_workers(units, entry_bytes, factor=2, read_ahead=False,
                             jobs=jobs or min(os.cpu_count() or 1, EXPORT_JOBS), budget=None)
 
+    def parted(self, units: list[Unit]) -> bool:
+        """Are the entries small enough (PARTED_BELOW on average) for worker processes to pay?"""
+        n = sum(len(u.entries) for u in units)
+        return bool(n) and sum(i.nbytes for i in self.infos) < PARTED_BELOW * n
+
 
 # Default most tensors merged at once (--jobs): past a few threads the merge and write work (Python per entry,
 # holding the GIL; one HF file's writer shared) only contends. 16-core device, mcore-to-hf of TP=2, --jobs 16 / 8 /
 # 4 / 2: 1/8 scale (6.8 GB) 13.3 / 12.9 / 12.3 / 11.5 s and, another instance, 19.0 / 17.0 / 13.0 / 14.1 s; real
-# width (11.85 GB) 10.5 / - / 9.7 / 11.8 s with system CPU 25.2 / - / 10.0 / 7.6 s.
+# width (11.85 GB) 10.5 / - / 9.7 / 11.8 s with system CPU 25.2 / - / 10.0 / 7.6 s. Worker processes (where the
+# entries are small, below) did no better past 4 either: --jobs 2 / 4 / 6 / 8 / 16 ran 9.41 / 7.64-9.61 / 9.13 /
+# 9.31 / 8.68-10.07 s at 1/8, with system CPU rising from 4.9 to 12 s (each process faults in its own buffers).
 EXPORT_JOBS = 4
+# Entries merged in worker processes (in parts, `engine.parted`) only where they average below this: entries of a
+# few hundred KB (1/8 width: 276 KB) are Python per entry, which processes run in parallel: the merge phase took
+# 6.0 s in 4 threads, 3.9 s in 4 processes (16-core device, TP=2). Entries of MBs (real width: ~10 MB) are copies,
+# where processes only add page faults: 9.35 s in threads vs 10.45 s in processes (means of 4 runs; system CPU
+# ~12 vs 13-23 s), both under cp -r's 11-12 s.
+PARTED_BELOW = 1 << 20
 
 
 def plan_export(mcore_dir: str | os.PathLike, *, iteration: str | int | None = None,
@@ -560,6 +573,7 @@ class ExportOptions:
     overwrite: bool = False
     jobs: int | None = None  # tensors merged at once (default the CPU count, at most EXPORT_JOBS)
     dtype: str = "source"
+    processes: bool = True  # small entries (PARTED_BELOW) in forked worker processes where fork exists
 
     @classmethod
     def of(cls, options: dict[str, Any]) -> "ExportOptions":
@@ -621,6 +635,7 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
     reader = pl.reader(file_rows=True)
     units = reader.units(pl.entries)
     workers = pl.workers(units, opts.jobs)
+    processes = opts.processes and pl.parted(units)
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(sum(i.nbytes for i in pl.infos))
 
@@ -628,10 +643,11 @@ def mcore_to_hf(mcore_dir: str | os.PathLike, out_dir: str | os.PathLike | None 
         writer = HFWriter(tmp, pl.infos, max_bytes)
         itemsize = {i.name: i.dtype.itemsize for i in pl.infos}  # progress: HF bytes written (the total set above)
         execute(units, reader, writer, pl.step, workers=workers.workers, progress=progress,
-                largest_bytes=workers.largest_bytes,
+                largest_bytes=workers.largest_bytes, processes=processes,
                 measure=lambda e, srcs, pairs: sum(t.numel() * itemsize[n] for n, t in pairs))
         summary.bytes_read = reader.bytes_read
-        summary.notes += export_notes(pl) + narrowing_note(pl)
+        summary.notes += export_notes(pl) + narrowing_note(pl) + [
+            f"{workers.workers} worker {'process(es)' if in_processes(units, workers.workers, processes) else 'thread(s)'}"]
         incomplete = writer.finish()
         if incomplete:
             raise StepconvError(f"audit failed, not publishing: HF tensor(s) not fully written: "

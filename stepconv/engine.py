@@ -6,7 +6,7 @@ and a `Writer` that puts them somewhere. `execute` drives them in this order:
 
     writer.begin()
     for each unit (ordered units run concurrently, one thread or one worker process each (`processes`);
-                   unordered units one after the other):
+                   unordered units one after the other, their entries on the threads or, in parts, the processes):
         reader.open(unit); writer.start(unit)
         for each entry of the unit (ordered: in plan order, sources read ahead on a second thread;
                                      unordered: in any order, on the worker threads):
@@ -28,7 +28,7 @@ import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterator, Protocol, Sequence
 
 import torch
@@ -43,6 +43,7 @@ Step = Callable[[Entry, list], Sequence]
 Measure = Callable[[Entry, list, Sequence], int]  # (entry, sources, targets) -> bytes of progress
 
 READ_AHEAD_BYTES = 32 << 20  # sources read per batch on the reader thread
+PARTS_PER_WORKER = 8  # an unordered unit in processes: parts handed out one at a time, so uneven parts even out
 FIXED_OVERHEAD = 300 * 10**6  # interpreter, torch, the plan, I/O buffers (the CLI on the tiny fixture peaks at 0.24 GB)
 
 
@@ -71,6 +72,24 @@ class ByteCount:
         total = self.total
         n, self._taken = total - self._taken, total
         return n
+
+
+class ReadCount:
+    """A reader's bytes read (`_read`, a ByteCount its `__init__` makes), handed over unit by unit from worker
+    processes to the parent (`handover`/`take_over`)."""
+
+    _read: ByteCount
+
+    @property
+    def bytes_read(self) -> int:
+        return self._read.total
+
+    def handover(self, unit) -> int:
+        """(engine, worker processes) The bytes this process read since the last handover."""
+        return self._read.take()
+
+    def take_over(self, unit, n: int) -> None:
+        self._read.add(n)
 
 
 @dataclass
@@ -242,7 +261,8 @@ def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *
     `progress` gets each entry's bytes: `measure(entry, sources, targets)`, by default the sources' bytes of the
     entries the audit counts (each source byte once, so the total is the source's size).
     `processes`: run the ordered units in up to `workers` forked processes (`processes.run_units`) where there are
-    two or more and fork exists; the reader and writer then hand their state back (`handover`/`take_over`).
+    two or more and fork exists, and a large unordered unit's entries there in parts (`parted`); the reader and
+    writer then hand their state back (`handover`/`take_over`).
     Returns the source elements consumed per HF name (for the audit) and each unit's result."""
     with one_intra_op_thread(), buffers.pooled(max(buffers.DEFAULT_POOL, 2 * largest_bytes)), gc_paused():
         return _execute(units, reader, writer, step, workers=workers, progress=progress, unit_done=unit_done,
@@ -250,9 +270,22 @@ def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *
 
 
 def in_processes(units: Sequence[Unit], workers: int, processes: bool) -> bool:
-    """Does `execute(..., processes=processes)` run these units in worker processes? Where asked, with two or
+    """Does `execute(..., processes=processes)` run these units (any of them) in worker processes?"""
+    return ordered_in_processes(units, workers, processes) or any(parted(u, workers, processes) for u in units)
+
+
+def ordered_in_processes(units: Sequence[Unit], workers: int, processes: bool) -> bool:
+    """Does `execute(..., processes=processes)` run the ordered units in worker processes? Where asked, with two or
     more workers and ordered units, and fork is available."""
     return processes and workers > 1 and sum(u.ordered for u in units) > 1 and forked.available()
+
+
+def parted(unit: Unit, workers: int, processes: bool) -> bool:
+    """Does `execute(..., processes=processes)` run this unordered unit's entries in worker processes, in parts?
+    Where asked, with two or more workers, fork available, and entries enough for PARTS_PER_WORKER parts per
+    worker (not a few MTP heads)."""
+    return (processes and workers > 1 and not unit.ordered and len(unit.entries) >= PARTS_PER_WORKER * workers
+            and forked.available())
 
 
 def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *, workers: int,
@@ -310,6 +343,29 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
         done(unit, mine, res)
         return mine, res
 
+    def unordered_in_processes(unit: Unit) -> Counter:
+        """The unit's entries cut, in order, into PARTS_PER_WORKER parts per worker, handed out to worker processes
+        a part at a time (`processes.run_units`); the unit is opened here, before the fork, so the workers inherit
+        it (a legacy checkpoint's stage: mapped and checked once). A worker hands the reader's and writer's state
+        back after each part (`handover(part)`: bytes read, the HF files' windows written out and their counts)."""
+        n = max(1, min(len(unit.entries), PARTS_PER_WORKER * workers))
+        size = -(-len(unit.entries) // n)
+        parts = [replace(unit, name=f"{unit.name} (entries {k + 1}-{min(k + size, len(unit.entries))} of "
+                         f"{len(unit.entries)})", entries=unit.entries[k:k + size])
+                 for k in range(0, len(unit.entries), size)]
+
+        def run_part(part: Unit, report) -> tuple[Counter, UnitResult]:
+            mine: Counter = Counter()
+            for entry in part.entries:
+                one(unit, entry, reader.read(entry), mine, report)
+            return mine, UnitResult()
+
+        mine: Counter = Counter()
+        for c, _ in forked.run_units(parts, workers, run_part, reader=reader, writer=writer, report=report,
+                                     done=lambda part, c, res: None):
+            mine.update(c)
+        return mine
+
     def unordered(pool: ThreadPoolExecutor, unit: Unit) -> Counter:
         """The unit's entries taken one at a time from a shared iterator by one task per worker thread, each
         counting into its own Counter. (A future per entry, `pool.map`, cost ~40 us an entry in futures, wake-ups
@@ -341,7 +397,7 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
     writer.begin()
     in_order = [u for u in units if u.ordered]
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        if in_processes(units, workers, processes):
+        if ordered_in_processes(units, workers, processes):
             ran = forked.run_units(in_order, workers, run, reader=reader, writer=writer, report=report, done=done)
         else:
             ran = pool.map(ordered, in_order)
@@ -351,7 +407,7 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
         for unit in (u for u in units if not u.ordered):
             reader.open(unit)
             writer.start(unit)
-            mine = unordered(pool, unit)
+            mine = unordered_in_processes(unit) if parted(unit, workers, processes) else unordered(pool, unit)
             consumed.update(mine)
             res = end(unit)
             done(unit, mine, res)

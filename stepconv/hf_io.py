@@ -839,6 +839,23 @@ class SafetensorsWriter:
                     at += 1
                 pwrite_view(self.fd, view[a:b], k * self.WINDOW + a)
 
+    def flush(self) -> None:
+        """Write out every gathered window as far as it is filled. A worker process does so at the end of each part
+        it writes (`HFWriter.handover`): a window whose other bytes other processes write never fills here."""
+        if self.dry:
+            return
+        with self._lock:
+            ready = [self._take(k, w) for k, w in list(self._windows.items()) if not w.pending]
+        with named_os_errors(self.path):
+            self._write_runs(ready)
+
+    def counted(self, written: dict[str, int]) -> None:
+        """Bytes per tensor that another process wrote into this file (`HFWriter.take_over`)."""
+        with self._lock:
+            for name, n in written.items():
+                self.written[name] += n
+                self.bytes_written += n
+
     def close(self) -> list[str]:
         """Write what is still gathered, close, and return the names whose byte count is not exactly their size
         (empty when complete)."""
@@ -1051,6 +1068,7 @@ class HFWriter:
         self.shards = plan_shards(infos, max_shard_bytes)
         self.files: list[SafetensorsWriter] = []
         self._by_name: dict[str, SafetensorsWriter] = {}
+        self._base: dict[int, dict[str, int]] = {}  # a worker process: each file's counts at its last handover
 
     def begin(self) -> None:
         for k, shard in enumerate(self.shards):
@@ -1074,6 +1092,25 @@ class HFWriter:
         from .engine import UnitResult
 
         return UnitResult()
+
+    def handover(self, unit) -> list[tuple[int, dict[str, int]]]:
+        """(engine, worker processes) After a part of a unit: this process's gathered windows written out, and the
+        bytes per tensor it wrote since the last handover (per file), for the parent's exactly-once check at
+        `finish`. `unit` None (a worker's start): only the count's starting point."""
+        out = []
+        for k, w in enumerate(self.files):
+            if unit is not None:
+                w.flush()
+            base = self._base.get(k, {})
+            new = {n: c - base.get(n, 0) for n, c in w.written.items() if c != base.get(n, 0)}
+            if new:
+                self._base[k] = dict(w.written)
+                out.append((k, new))
+        return out
+
+    def take_over(self, unit, written: list[tuple[int, dict[str, int]]]) -> None:
+        for k, new in written:
+            self.files[k].counted(new)
 
     def finish(self) -> list[str]:
         """Close every file; the names not written exactly once in full (empty when complete). Writes the index."""

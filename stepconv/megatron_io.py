@@ -29,7 +29,7 @@ import torch
 from . import buffers, fast_load
 from .config import StepconvError, names_text
 from .safety import LIBC, GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file
-from .engine import ByteCount, FileStat, Unit, UnitResult
+from .engine import ByteCount, FileStat, ReadCount, Unit, UnitResult
 from .hf_io import FileRows, GatherFile, SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .mapping import Entry, Layout
 from .torch_pickle import StorageRef, TensorRef
@@ -638,7 +638,7 @@ class LegacyWriter:
         return res
 
 
-class LegacyReader:
+class LegacyReader(ReadCount):
     """engine.Reader over a legacy checkpoint's rank files: a unit is one PP stage, whose rank files are
     loaded at once (mmap; nothing is unpickled but under megatron-core's safe globals) and checked against the
     plan's keys; `read(entry)` returns the entry's TP shards (ETP shards for a routed expert), each from a rank
@@ -664,10 +664,6 @@ class LegacyReader:
         self._touched = 0
         self._lock = threading.Lock()
         self._read = ByteCount()
-
-    @property
-    def bytes_read(self) -> int:
-        return self._read.total
 
     def path(self, tp_rank: int, pp_rank: int, ep_rank: int) -> Path:
         return self.itdir / rank_dir_name(tp_rank, pp_rank, ep_rank, self.layout.pp_size, self.layout.ep_size) / RANK_FILE

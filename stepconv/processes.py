@@ -92,6 +92,7 @@ def _worker(parent: int, conn: Connection, others: list[Connection], units: Sequ
         c.close()
     report = _Reporter(conn) if progress else None
     _handover(reader, None)  # (what the parent had done before the fork is the parent's: start counting from here)
+    _handover(writer, None)
     while True:
         try:
             i = conn.recv()

@@ -37,7 +37,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from . import buffers, fast_load
 from .config import StepconvError, names_text
-from .engine import FileStat, ReaderBase, Unit, UnitResult, runs
+from .engine import ByteCount, FileStat, ReadCount, ReaderBase, Unit, UnitResult, runs
 from .hf_io import FileRows, GatherFile, TensorInfo
 from .kinds import EXTRA, QKVG_, SplitContext
 from .mapping import Entry
@@ -439,7 +439,7 @@ def read_common(itdir: Path) -> dict:
     return load_rank_file(itdir / COMMON, need_model=False)
 
 
-class TorchDistReader(ReaderBase):
+class TorchDistReader(ReaderBase, ReadCount):
     """engine.Reader over a torch_dist iteration: `read(entry)` assembles the entry's TP=1 tensor from whatever
     chunks cover it, reading only those chunks (one expert, a row block of the vocab, one saving rank's rows).
     `meta=True` checks every needed key and shape and returns meta tensors. `saved_tp`: the TP size the
@@ -464,7 +464,7 @@ class TorchDistReader(ReaderBase):
             self._starts[key] = ([c[0][0] if c[0] else 0 for c in cs], max((c[1][0] if c[1] else 1) for c in cs))
         self._fds: dict[str, int] = {}
         self._lock = threading.Lock()
-        self.bytes_read = 0
+        self._read = ByteCount()
 
     def units(self, entries: list[Entry]) -> list[Unit]:
         units = [Unit("tensors", [e for e in entries if e.kind.megatron and e.kind.sources and not e.replica],
@@ -544,7 +544,7 @@ class TorchDistReader(ReaderBase):
             fd = self._fds.get(info.relative_path)
             if fd is None:
                 fd = self._fds[info.relative_path] = os.open(self.itdir / info.relative_path, os.O_RDONLY)
-            self.bytes_read += info.length
+        self._read.add(info.length)
         blob = os.pread(fd, info.length, info.offset)
         check_zip_sizes(self.itdir / info.relative_path, len(blob), io.BytesIO(blob))
         try:

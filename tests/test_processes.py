@@ -1,5 +1,6 @@
-"""hf-to-mcore's units in worker processes (stepconv.processes): the same bytes as threads, every unit's state
-handed back, failures reported as one line with nothing published, and no worker outliving its parent."""
+"""Units in worker processes (stepconv.processes): hf-to-mcore's ordered units and mcore-to-hf's entries in parts
+write the same bytes as threads, every unit's state is handed back, failures are reported as one line with nothing
+published, and no worker outlives its parent."""
 
 import os
 import signal
@@ -12,9 +13,9 @@ import pytest
 from conftest import make_fixture, tree_digest as digest
 from stepconv import processes, safety
 from stepconv.config import StepconvError
-from stepconv.convert import hf_to_mcore
+from stepconv.convert import hf_to_mcore, mcore_to_hf
 from stepconv.engine import ByteCount
-from stepconv.hf_io import HFCheckpoint
+from stepconv.hf_io import HFCheckpoint, HFWriter, SafetensorsWriter
 from stepconv.megatron_io import LegacyWriter
 from stepconv.torch_dist import TorchDistWriter
 
@@ -67,6 +68,69 @@ def test_worker_processes_write_the_bytes_threads_write(tmp_path, fixture_dir, o
     assert b.bytes_read > 0
     assert any(n.startswith("3 worker process(es)") for n in b.notes), b.notes
     assert any(n.startswith("3 worker thread(s)") for n in a.notes), a.notes
+
+
+@pytest.fixture(scope="module")
+def mcore_sources(tmp_path_factory, fixture_dir):
+    """The fixture as TP=2 x PP=2 legacy rank files and as TP=2 torch_dist."""
+    root = tmp_path_factory.mktemp("sources")
+    hf_to_mcore(fixture_dir, root / "torch", tp=2, pp=2)
+    hf_to_mcore(fixture_dir, root / "torch_dist", tp=2, format="torch_dist")
+    return root
+
+
+@pytest.mark.parametrize("fmt", ["torch", "torch_dist"])
+def test_export_in_worker_processes_writes_the_bytes_threads_write(tmp_path, mcore_sources, fmt, monkeypatch):
+    """mcore-to-hf's entries in parts in worker processes: the same HF files as threads, each byte reported and
+    counted once. Two PP stages (legacy) run as two rounds of workers, the second starting from the first's counts."""
+    log = tmp_path / "puts.log"
+
+    def put(self, unit, entry, tensors, _put=HFWriter.put):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return _put(self, unit, entry, tensors)
+    monkeypatch.setattr(HFWriter, "put", put)
+    progress = {"threads": 0, "procs": 0}
+
+    def counter(key):
+        def report(n, label):
+            progress[key] += n
+        return report
+
+    a = mcore_to_hf(mcore_sources / fmt, tmp_path / "threads", jobs=2, processes=False, progress=counter("threads"))
+    threads = log.read_text().split()
+    b = mcore_to_hf(mcore_sources / fmt, tmp_path / "procs", jobs=2, processes=True, progress=counter("procs"))
+    procs = log.read_text().split()[len(threads):]
+    assert set(threads) == {str(os.getpid())}
+    assert len(set(procs) - {str(os.getpid())}) >= 2 and len(procs) == len(threads)
+    assert digest(tmp_path / "procs") == digest(tmp_path / "threads")
+    written = sum(t.nbytes for t in HFCheckpoint(tmp_path / "threads").tensors.values())
+    assert progress == {"threads": written, "procs": written}  # each HF byte reported once, from any process
+    assert (b.bytes_read, b.bytes_written, b.tensors, b.files) == (a.bytes_read, a.bytes_written, a.tensors, a.files)
+    assert b.bytes_read > 0
+    assert "2 worker process(es)" in b.notes and "2 worker thread(s)" in a.notes
+
+
+def test_export_counts_and_windows_come_back_from_the_workers(tmp_path, mcore_sources, monkeypatch):
+    """Each worker's per-tensor byte counts reach the parent's exactly-once check, and each part's gathered windows
+    are written by the worker that gathered them: dropping either fails (the check, or the bytes)."""
+    monkeypatch.setattr(HFWriter, "take_over", lambda self, unit, written: None)
+    with pytest.raises(StepconvError, match="not fully written"):
+        mcore_to_hf(mcore_sources / "torch", tmp_path / "uncounted", jobs=2, processes=True)
+    monkeypatch.undo()
+    mcore_to_hf(mcore_sources / "torch", tmp_path / "threads", jobs=2, processes=False)
+    monkeypatch.setattr(SafetensorsWriter, "flush", lambda self: None)
+    mcore_to_hf(mcore_sources / "torch", tmp_path / "unflushed", jobs=2, processes=True)
+    assert digest(tmp_path / "unflushed") != digest(tmp_path / "threads")
+
+
+def test_export_of_large_entries_stays_in_threads(tmp_path, mcore_sources, monkeypatch):
+    """Entries averaging PARTED_BELOW or more are copies, where processes only add page faults: threads."""
+    import stepconv.convert as convert
+
+    monkeypatch.setattr(convert, "PARTED_BELOW", 1)
+    s = mcore_to_hf(mcore_sources / "torch", tmp_path / "o", jobs=2, processes=True)
+    assert "2 worker thread(s)" in s.notes
 
 
 def test_rank_file_digests_come_back_from_the_workers(tmp_path, fixture_dir, monkeypatch):
@@ -239,3 +303,9 @@ def test_the_cli_runs_units_in_processes_unless_told_threads(tmp_path, fixture_d
     assert procs.returncode == 0 and threads.returncode == 0, procs.stderr + threads.stderr
     assert "2 worker process(es)" in procs.stdout and "2 worker thread(s)" in threads.stdout
     assert digest(tmp_path / "p") == digest(tmp_path / "t")
+    export = [sys.executable, "-m", "stepconv.cli", "mcore-to-hf", "-q", "-j", "2", str(tmp_path / "p")]
+    procs = subprocess.run([*export, "-o", str(tmp_path / "hp")], capture_output=True, text=True)
+    threads = subprocess.run([*export, "-o", str(tmp_path / "ht"), "--threads"], capture_output=True, text=True)
+    assert procs.returncode == 0 and threads.returncode == 0, procs.stderr + threads.stderr
+    assert "2 worker process(es)" in procs.stdout and "2 worker thread(s)" in threads.stdout
+    assert digest(tmp_path / "hp") == digest(tmp_path / "ht")
