@@ -44,6 +44,12 @@ Measure = Callable[[Entry, list, Sequence], int]  # (entry, sources, targets) ->
 
 READ_AHEAD_BYTES = 32 << 20  # sources read per batch on the reader thread
 PARTS_PER_WORKER = 8  # an unordered unit in processes: parts handed out one at a time, so uneven parts even out
+MIN_PART_ENTRIES = 32  # a part of an ordered unit (`cut_into`): each part's files cost a few syscalls to set up
+# Parts of one ordered unit running at once: each writes every file of its unit, and several writers of one file
+# serialise on its inode lock and spin there. Eighth pass, threads writing one file (TP=2, 16-core device): 2 / 4 / 8
+# / 16 of them, system CPU 9.6 / 11.9 / 18.8 / 23.1 s, no faster. This pass, 16 processes writing TP=4's four files
+# in 32 parts (1/8 width, same device): wall 11.9 -> 9.2 s, but system CPU 6.5-7.3 -> 24.7-26.6 s.
+PART_WRITERS = 4
 FIXED_OVERHEAD = 300 * 10**6  # interpreter, torch, the plan, I/O buffers (the CLI on the tiny fixture peaks at 0.24 GB)
 
 
@@ -254,7 +260,8 @@ def gc_paused() -> Iterator[None]:
 def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *, workers: int = 1,
             progress: Progress | None = None, largest_bytes: int = 0,
             unit_done: Callable[[Unit, Counter, UnitResult], None] | None = None,
-            measure: Measure | None = None, processes: bool = False) -> tuple[Counter, list[UnitResult]]:
+            measure: Measure | None = None, processes: bool = False,
+            meta: Reader | None = None) -> tuple[Counter, list[UnitResult]]:
     """Run `units` through reader -> step -> writer (call order in the module docstring), with one intra-op
     thread and reused buffers (`buffers.pooled`, at most max(256 MiB, 2 x `largest_bytes`) held).
 
@@ -262,22 +269,43 @@ def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *
     entries the audit counts (each source byte once, so the total is the source's size).
     `processes`: run the ordered units in up to `workers` forked processes (`processes.run_units`) where there are
     two or more and fork exists, and a large unordered unit's entries there in parts (`parted`); the reader and
-    writer then hand their state back (`handover`/`take_over`).
+    writer then hand their state back (`handover`/`take_over`). `meta`: a reader of meta tensors; with it, in
+    processes, ordered units fewer than the workers are cut in parts (`cut_into`) where the writer can lay their
+    files out ahead (`writer.parts(unit, n, targets)`, the targets being `step` on meta sources): the parts run in
+    the workers, and the parent ends each unit (`writer.end(unit)`) once all its parts are in.
     Returns the source elements consumed per HF name (for the audit) and each unit's result."""
     with one_intra_op_thread(), buffers.pooled(max(buffers.DEFAULT_POOL, 2 * largest_bytes)), gc_paused():
         return _execute(units, reader, writer, step, workers=workers, progress=progress, unit_done=unit_done,
-                        measure=measure, processes=processes)
+                        measure=measure, processes=processes, meta=meta)
 
 
-def in_processes(units: Sequence[Unit], workers: int, processes: bool) -> bool:
-    """Does `execute(..., processes=processes)` run these units (any of them) in worker processes?"""
-    return ordered_in_processes(units, workers, processes) or any(parted(u, workers, processes) for u in units)
+def in_processes(units: Sequence[Unit], workers: int, processes: bool, cuttable: bool = False) -> bool:
+    """Does `execute(..., processes=processes)` run these units (any of them) in worker processes? (`cuttable`: the
+    writer can cut units in parts, and `execute` is given a meta reader to lay them out.)"""
+    return (ordered_in_processes(units, workers, processes, cuttable)
+            or any(parted(u, workers, processes) for u in units))
 
 
-def ordered_in_processes(units: Sequence[Unit], workers: int, processes: bool) -> bool:
+def ordered_in_processes(units: Sequence[Unit], workers: int, processes: bool, cuttable: bool = False) -> bool:
     """Does `execute(..., processes=processes)` run the ordered units in worker processes? Where asked, with two or
-    more workers and ordered units, and fork is available."""
-    return processes and workers > 1 and sum(u.ordered for u in units) > 1 and forked.available()
+    more workers and ordered units (or parts of them), and fork is available."""
+    return (processes and workers > 1 and forked.available()
+            and (sum(u.ordered for u in units) > 1 or (cuttable and cut_into(units, workers) > 1)))
+
+
+def cut_into(units: Sequence[Unit], workers: int) -> int:
+    """Parts to cut each large ordered unit into (at least MIN_PART_ENTRIES entries each) where there are fewer of
+    them than workers: 2 per PART_WRITERS (uneven parts even out); 0: none cut. (TP=2 or TP=4 at PP=1, EP=1 is one
+    rank-file group: one process wrote every record of it, which bounded the conversion at small record sizes.)"""
+    big = [u for u in units if u.ordered and len(u.entries) >= 2 * MIN_PART_ENTRIES]
+    if not big or len(big) >= workers:
+        return 0
+    return min(2 * PART_WRITERS, min(len(u.entries) for u in big) // MIN_PART_ENTRIES)
+
+
+def most_at_once(units: Sequence[Unit]) -> int:
+    """Ordered units (and parts of them, PART_WRITERS a unit) that can run at once, when large units are cut."""
+    return sum(PART_WRITERS if len(u.entries) >= 2 * MIN_PART_ENTRIES else 1 for u in units if u.ordered)
 
 
 def parted(unit: Unit, workers: int, processes: bool) -> bool:
@@ -290,7 +318,7 @@ def parted(unit: Unit, workers: int, processes: bool) -> bool:
 
 def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *, workers: int,
              progress: Progress | None, unit_done: Callable[[Unit, Counter, UnitResult], None] | None,
-             measure: Measure | None, processes: bool) -> tuple[Counter, list[UnitResult]]:
+             measure: Measure | None, processes: bool, meta: Reader | None) -> tuple[Counter, list[UnitResult]]:
     progress_lock = threading.Lock()
     consumed: Counter = Counter()
     results: list[UnitResult] = []
@@ -394,11 +422,54 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
             mine.update(t.result())
         return mine
 
+    def in_parts(in_order: list[Unit]) -> Iterator[tuple[Counter, UnitResult]]:
+        """The ordered units in worker processes, the large ones in parts (`execute`'s `meta`)."""
+        n = cut_into(in_order, workers)
+        items, whole = [], {}
+        known: dict[tuple, Sequence] = {}
+
+        def targets(e: Entry) -> Sequence:
+            """`step` on meta sources, once per signature (the experts of a stack are alike: a meta tensor costs
+            ~6 us to make, 25k entries a rank-file group)."""
+            key = (e.kind, e.hf, e.source_shapes, e.ctx)
+            t = known.get(key)
+            if t is None:
+                t = known[key] = step(e, meta.read(e))
+            return t
+
+        cut = []
+        for u in in_order:
+            parts = writer.parts(u, n, targets) if n and len(u.entries) >= 2 * MIN_PART_ENTRIES else None
+            cut.append(parts or [u])
+            whole.update((p.name, u) for p in parts or ())
+        for k in range(max(map(len, cut), default=0)):  # (round robin: about PART_WRITERS of a unit's parts at once)
+            items += [c[k] for c in cut if k < len(c)]
+        left = Counter(u.name for u in whole.values())
+        got: dict[str, Counter] = {}
+        ended: list[tuple[Counter, UnitResult]] = []
+
+        def item_done(item: Unit, c: Counter, res: UnitResult) -> None:
+            u = whole.get(item.name)
+            if u is None:
+                return done(item, c, res)
+            got.setdefault(u.name, Counter()).update(c)
+            left[u.name] -= 1
+            if not left[u.name]:  # (the last part is in: the unit's files are ended here)
+                res = end(u)
+                ended.append((got[u.name], res))
+                done(u, got[u.name], res)
+
+        ran = forked.run_units(items, workers, run, reader=reader, writer=writer, report=report, done=item_done)
+        yield from (r for item, r in zip(items, ran) if item.name not in whole)
+        yield from ended
+
     writer.begin()
     in_order = [u for u in units if u.ordered]
+    cuttable = meta is not None and hasattr(writer, "parts")
     with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-        if ordered_in_processes(units, workers, processes):
-            ran = forked.run_units(in_order, workers, run, reader=reader, writer=writer, report=report, done=done)
+        if ordered_in_processes(units, workers, processes, cuttable):
+            ran = in_parts(in_order) if cuttable else forked.run_units(in_order, workers, run, reader=reader,
+                                                                      writer=writer, report=report, done=done)
         else:
             ran = pool.map(ordered, in_order)
         for c, res in ran:
@@ -444,7 +515,8 @@ class WorkerPlan:
 
 
 def plan_workers(units: Sequence[Unit], entry_bytes: Callable[[Entry], int], *, factor: int, read_ahead: bool,
-                 jobs: int | None, budget: int | None, write_bytes: Callable[[Unit], int] | None = None) -> WorkerPlan:
+                 jobs: int | None, budget: int | None, write_bytes: Callable[[Unit], int] | None = None,
+                 cuttable: bool = False) -> WorkerPlan:
     """Workers within `budget` bytes (default half the RAM) and `jobs` threads (default the CPU count).
 
     hf-to-mcore holds, per worker, the entry being split, its TP shards and the batch read ahead (factor 3,
@@ -464,6 +536,8 @@ def plan_workers(units: Sequence[Unit], entry_bytes: Callable[[Entry], int], *, 
         raise StepconvError(f"--max-memory {budget / 2**30:.2f} GiB is below the largest tensor working set "
                             f"{one.per_worker / 2**30:.2f} GiB; allow at least that much")
     parallel = len([u for u in units if u.ordered]) or 1
+    if cuttable:  # (units cut in parts, `cut_into`)
+        parallel = max(parallel, most_at_once(units))
     if any(not u.ordered for u in units):
         parallel = max(parallel, max(len(u.entries) for u in units if not u.ordered))
     workers = max(1, min(jobs or os.cpu_count() or 1, parallel, budget // max(one.per_worker, 1)))

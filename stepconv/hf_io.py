@@ -313,7 +313,8 @@ class GatherFile:
     __slots__ = ("path", "fd", "buf", "view", "n", "at", "_addr", "_written_back", "_gathered", "_pending",
                  "_in_flight", "_lane", "_free", "_made", "crcs", "_check", "_checker")
 
-    def __init__(self, tmp: Path | None, path: Path | None = None, *, digest: bool = False):
+    def __init__(self, tmp: Path | None, path: Path | None = None, *, digest: bool = False, at: int = 0):
+        """`at` > 0: write on from that offset of an existing `tmp` (a part of the file; it is not truncated)."""
         self.path = path or tmp  # (errors name the final name: the temporary one is ours)
         self.fd = -1
         self._pending: deque = deque()  # (future, bytes, gather buffer or None) written behind, oldest first
@@ -324,17 +325,17 @@ class GatherFile:
         if tmp is not None:
             with named_os_errors(self.path):  # (read too: the digest rereads what was written)
                 mode = os.O_RDWR if digest else os.O_WRONLY
-                self.fd = os.open(tmp, mode | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+                self.fd = os.open(tmp, mode | os.O_CREAT | (0 if at else os.O_TRUNC) | os.O_CLOEXEC, 0o666)
             if digest:
-                self.crcs = BlockCrcs(self.fd, self.path)
+                self.crcs = BlockCrcs(self.fd, self.path, at)
                 self._check = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stepconv-digest")
                 self._checker = partial(self._check.submit, self.crcs.fold)
         self._free: list = []  # (gather buffer, its digest's future or None) whose writes are done
         self._made = 1
         self.buf, self.view, self._addr = self._new_buffer()
         self.n = 0  # bytes gathered in buf
-        self.at = 0  # file offset of buf[0]
-        self._written_back = 0  # where the gathered bytes' last writeback ended
+        self.at = at  # file offset of buf[0]
+        self._written_back = at  # where the gathered bytes' last writeback ended
         self._gathered = 0  # bytes flushed from the buffers since
 
     @classmethod

@@ -238,7 +238,7 @@ def _inspect_hf(p: Path, opts: ImportOptions, *, full: bool) -> InspectReport:
         writer = pl.writer(Path(scratch), dry=True)
         units = writer.units(pl.entries)
         try:
-            workers = pl.workers(units, reader)
+            workers = pl.workers(units, reader, cuttable=pl.cuttable(writer))
         except StepconvError as e:
             rep.errors.append(str(e))
             workers = None

@@ -20,15 +20,15 @@ import sys
 import threading
 import types
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 
 from . import buffers, fast_load
 from .config import StepconvError, names_text
-from .safety import LIBC, GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file
+from .safety import LIBC, BlockCrcs, GuardedFile, bounded_text, check_zip_sizes, named_os_errors, regular_file
 from .engine import ByteCount, FileStat, ReadCount, Unit, UnitResult
 from .hf_io import FileRows, GatherFile, SafetensorsWriter, TensorInfo, read_safetensors_tensor
 from .mapping import Entry, Layout
@@ -129,9 +129,11 @@ class _OwnRecords:
 
     __slots__ = ("zip", "out")
 
-    def __init__(self, path: Path, tmp: Path, digest: bool = False):
-        self.zip = ZipLayout()
-        self.out = GatherFile(tmp, path, digest=digest)
+    def __init__(self, path: Path, tmp: Path, digest: bool = False, zip: ZipLayout | None = None):
+        """`zip`: go on from where that layout is (a part of the file, or its end): the file is written from its
+        `pos` on, not truncated."""
+        self.zip = zip or ZipLayout()
+        self.out = GatherFile(tmp, path, digest=digest, at=self.zip.pos)
 
     def record(self, name: str, tensor, nbytes: int) -> None:
         head, tail = self.zip.record(name, nbytes)
@@ -156,26 +158,69 @@ class _OwnRecords:
         finally:
             self.out.abandon()
 
+    def close_part(self) -> None:
+        """A part's records written (not synced: the file's last writer syncs it) and the descriptor closed."""
+        try:
+            self.out.close(sync=False)
+        finally:
+            self.out.abandon()
+
+
+class _LaidOut:
+    """A rank file's records laid out, nothing written (`LegacyWriter.parts`: where each part's records start)."""
+
+    __slots__ = ("zip",)
+    crcs = None
+
+    def __init__(self):
+        self.zip = ZipLayout()
+
+    def record(self, name: str, tensor, nbytes: int) -> None:
+        self.zip.skip(name, nbytes)
+
 
 class RankFileWriter:
     """Writes one `model_optim_rng.pt` incrementally; `torch.load` reads it like any torch.save file. Its bytes are
     what torch's zip writer (CRC32 off) writes, laid out by `torch_zip.ZipLayout` (or, if this torch lays out
     otherwise, by torch's writer itself)."""
 
-    def __init__(self, path: Path, digest: bool = False):
+    def __init__(self, path: Path, digest: bool = False, *, laid_out: bool = False,
+                 part: tuple[int, int] | None = None):
         """`digest`: fold the resume journal's block CRCs in while writing (`crcs` once finished; `_OwnRecords`
-        only)."""
+        only). `laid_out`: lay the records out, write nothing (`LegacyWriter.parts`; `write_on` then writes the
+        file's end). `part`: (file offset, key number) where a part of the file, laid out ahead, starts: its records
+        are written from there (`close_part` when done)."""
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = path.with_name(path.name + ".tmp")  # renamed to `path` only once complete
         # compute_crc32=False: torch's CRC32 ran at ~300 MB/s, 4x slower than writing the bytes (512 MB: 1.6-2.3 s
         # vs 0.3-0.45 s); the zip records' CRC fields are then 0, which torch.load (mmap or not) does not check
-        self._out = _OwnRecords(path, self._tmp, digest) if layout_matches_torch() else _TorchRecords(path, self._tmp)
+        self._nkeys = 0
+        if laid_out:
+            self._out = _LaidOut()
+        elif part is not None:
+            zip = ZipLayout()
+            zip.pos, self._nkeys = part
+            self._out = _OwnRecords(path, self._tmp, digest, zip)
+        else:
+            self._out = (_OwnRecords(path, self._tmp, digest) if layout_matches_torch()
+                         else _TorchRecords(path, self._tmp))
         self.models: dict[str, OrderedDict[str, Any]] = {}  # "model", or "model0".. (one per VPP chunk)
         self.bytes_written = 0
         self.tensors = 0
         self._signature: list = []  # (key, dtype, shape) per entry: what data.pkl depends on besides args
-        self._nkeys = 0
+
+    @property
+    def cut(self) -> tuple[int, int]:
+        """(file offset, key number) of the next record: where a part starting here begins."""
+        return self._out.zip.pos, self._nkeys
+
+    def write_on(self, digest: bool) -> None:
+        """A laid-out file's parts are written: write its end (`finish`) from where they ended."""
+        self._out = _OwnRecords(self.path, self._tmp, digest, self._out.zip)
+
+    def close_part(self) -> None:
+        self._out.close_part()
 
     @property
     def keys(self) -> int:
@@ -575,6 +620,11 @@ class LegacyWriter:
         self._model_names = layout.model_keys()
         self._pickles: dict = {}
         self._pickle_lock = threading.Lock()
+        # a unit written in parts (`parts`): part name -> (its unit, index, its files' cuts: (offset, key) at its
+        # start and end); unit name -> each part's files' folded CRCs, as the parts hand them over
+        self._cuts: dict[str, tuple[Unit, int, list[tuple[int, int]], list[tuple[int, int]]]] = {}
+        self._part_crcs: dict[str, list] = {}
+        self._done_part: tuple | None = None  # (a worker process: the part it ended, for `handover`)
 
     def units(self, entries: list[Entry]) -> list[Unit]:
         """One unit per (PP stage, EP rank): its rank folders (the TP ranks `layout.ranks()` has there)."""
@@ -596,13 +646,53 @@ class LegacyWriter:
     def start(self, unit: Unit) -> None:
         if unit.name == HEADS_UNIT:
             self._open[unit.name] = [open_heads(self.root, self.heads, self.dry)]
+            return
+        self._shard_map(unit)
+        cut = self._cuts.get(unit.name)
+        if cut is not None:  # a part, in a worker process: its records from where the layout put them
+            self._open[unit.name] = [RankFileWriter(self.root / o, digest=not self.dry, part=at)
+                                     for o, at in zip(unit.outputs, cut[2])]
         else:
-            lay = self.layout
-            tps = lay.tp_ranks(unit.stage, unit.ep_rank)
-            # which of an entry's shards each file takes: by TP rank, or by ETP rank for a routed expert
-            self._shards[unit.name] = {routed: [lay.shard_index(routed, t, unit.stage, unit.ep_rank) for t in tps]
-                                       for routed in (False, True)}
             self._open[unit.name] = [RankFileWriter(self.root / o, digest=not self.dry) for o in unit.outputs]
+
+    def _shard_map(self, unit: Unit) -> None:
+        """Which of an entry's shards each of the unit's files takes: by TP rank, or by ETP rank for a routed
+        expert."""
+        lay = self.layout
+        tps = lay.tp_ranks(unit.stage, unit.ep_rank)
+        self._shards[unit.name] = {routed: [lay.shard_index(routed, t, unit.stage, unit.ep_rank) for t in tps]
+                                   for routed in (False, True)}
+
+    def parts(self, unit: Unit, n: int, targets: Callable[[Entry], Sequence]) -> list[Unit] | None:
+        """`unit` cut into `n` parts of consecutive entries whose records several processes write at once, each
+        into its own byte range of every rank file; None where it cannot be (the MTP-head sidecar, a dry run, a
+        torch whose zip layout is not `torch_zip.ZipLayout`'s). Here, before the parts run: every record is laid
+        out (`targets(entry)`: the step's target tensors on the meta device, whose dtypes and shapes are all a
+        record's layout needs), the files are created, and each part gets its files' (offset, key number) cuts.
+        A part checks that it wrote exactly the records laid out between its cuts (`end`); `end(unit)`, once every
+        part is in, writes each file's data.pkl and directory after them and joins the parts' CRCs."""
+        if unit.name == HEADS_UNIT or self.dry or n < 2 or len(unit.entries) < n or not layout_matches_torch():
+            return None
+        self._shard_map(unit)
+        self._open[unit.name] = [RankFileWriter(self.root / o, laid_out=True) for o in unit.outputs]
+        size = -(-len(unit.entries) // n)
+        cuts = []
+        for k, e in enumerate(unit.entries):
+            if k % size == 0:
+                cuts.append([w.cut for w in self._open[unit.name]])
+            self.put(unit, e, targets(e))
+        cuts.append([w.cut for w in self._open[unit.name]])
+        for w in self._open[unit.name]:
+            with named_os_errors(w.path):
+                os.close(os.open(w._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666))
+        parts = []
+        for i in range(len(cuts) - 1):
+            es = unit.entries[i * size:(i + 1) * size]
+            part = replace(unit, name=f"{unit.name} (part {i + 1} of {len(cuts) - 1})", entries=es)
+            self._cuts[part.name] = (unit, i, cuts[i], cuts[i + 1])
+            parts.append(part)
+        self._part_crcs[unit.name] = [None] * len(parts)
+        return parts
 
     def put(self, unit: Unit, entry: Entry, tensors) -> None:
         writers = self._open[unit.name]
@@ -618,24 +708,54 @@ class LegacyWriter:
         if unit.name == HEADS_UNIT:
             return close_heads(self.root, writers[0])
         self._shards.pop(unit.name)
+        cut = self._cuts.pop(unit.name, None)
+        if cut is not None:
+            return self._end_part(unit, writers, cut)
         res = UnitResult()
         want: dict[str, list[str]] = {m: [] for m in self.layout.model_keys()}
         for e in unit.entries:
             want[self.layout.model_key(e.chunk)].append(e.key)
-        for out, w in zip(unit.outputs, writers):
+        parts = self._part_crcs.pop(unit.name, None)  # (a unit written in parts: each file's parts' CRCs)
+        for k, (out, w) in enumerate(zip(unit.outputs, writers)):
             have = {m: list(w.models.get(m, ())) for m in want}
             if have != want or set(w.models) - set(want):
                 missing = [f"{m}.{k}" for m, ks in want.items() for k in ks if k not in have[m]]
                 raise StepconvError(f"internal audit: {w.path} is missing {names_text(missing)}")
             with self._pickle_lock:
                 pickles = self._pickles.setdefault(unit.name, {})
+            if parts is not None:
+                w.write_on(digest=not self.dry)
             w.finish(self.args, pickles=pickles)
-            res.files[out] = FileStat(w.path.stat().st_size, w.bytes_written, w.tensors, w.keys, w.crcs)
+            crcs = w.crcs if parts is None else BlockCrcs.joined([p[k] if p else None for p in parts] + [w.crcs],
+                                                                 w.path)
+            res.files[out] = FileStat(w.path.stat().st_size, w.bytes_written, w.tensors, w.keys, crcs)
             if self.dry:
                 w.path.unlink()  # a sparse scratch file: its size was the point
         with self._pickle_lock:
             self._pickles.pop(unit.name, None)
         return res
+
+    def _end_part(self, part: Unit, writers: list[RankFileWriter], cut) -> UnitResult:
+        """A part's records are all written where the layout put them, the same records (key, dtype, shape)."""
+        unit, i, first, last = cut
+        laid = self._open[unit.name]
+        for w, a, b, lw in zip(writers, first, last, laid):
+            w.close_part()
+            if w.cut != b or w._signature != lw._signature[a[1]:b[1]]:
+                raise StepconvError(f"internal: {w.path}: part {i + 1} of {unit.name} wrote records other than laid "
+                                    f"out (up to {w.cut}, expected {b})")
+        self._done_part = (unit.name, i, [w.crcs for w in writers])
+        return UnitResult()
+
+    def handover(self, unit: Unit | None):
+        """(engine, worker processes) A part's files' folded CRCs, for the file's digest."""
+        done, self._done_part = self._done_part, None
+        return done if unit is not None else None
+
+    def take_over(self, unit: Unit, done) -> None:
+        name, i, crcs = done
+        self._part_crcs[name][i] = crcs
+        self._cuts.pop(unit.name, None)
 
 
 class LegacyReader(ReadCount):

@@ -21,6 +21,7 @@ import threading
 import zipfile
 import zlib
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator
 
@@ -345,12 +346,15 @@ class BlockCrcs:
     A range out of order, or a failed read, leaves it incomplete: `covers` is then False and `file_digest` rereads
     the whole file, as before."""
 
-    __slots__ = ("fd", "path", "done", "crc", "pos", "buf", "broken")
+    __slots__ = ("fd", "path", "done", "crc", "pos", "buf", "broken", "start")
 
-    def __init__(self, fd: int, path):
+    def __init__(self, fd: int, path, start: int = 0):
+        """`start`: where the bytes folded in begin (a part of a file: its first block's CRC is then of the block's
+        bytes from `start` on, `segments`)."""
         self.fd, self.path = fd, path
         self.done: list[bytes] = []  # the complete blocks' CRCs
-        self.crc = self.pos = 0  # the current block's CRC so far; bytes folded
+        self.crc = 0  # the current block's CRC so far
+        self.pos = self.start = start  # the end of the bytes folded
         self.buf: memoryview | None = None
         self.broken = False
 
@@ -380,14 +384,79 @@ class BlockCrcs:
     def __getstate__(self):
         """(Sent back from a worker process: the CRCs, not the buffer or the writer's descriptor.)"""
         return None, {"fd": -1, "path": self.path, "done": self.done, "crc": self.crc, "pos": self.pos,
-                      "buf": None, "broken": self.broken}
+                      "buf": None, "broken": self.broken, "start": self.start}
 
     def covers(self, size: int) -> bool:
         """Were all of a `size`-byte file's bytes folded in?"""
-        return not self.broken and self.pos == size
+        return not self.broken and self.start == 0 and self.pos == size
+
+    def segments(self) -> list[tuple[int, int]]:
+        """(CRC, length) of the bytes folded, in file order, cut at the block boundaries."""
+        out, at = [], self.start
+        for c in self.done:
+            end = (at // DIGEST_BLOCK + 1) * DIGEST_BLOCK
+            out.append((int.from_bytes(c, "little"), end - at))
+            at = end
+        if self.pos > at:
+            out.append((self.crc, self.pos - at))
+        return out
+
+    @classmethod
+    def joined(cls, parts: "list[BlockCrcs | None]", path) -> "BlockCrcs":
+        """The CRCs of a file whose consecutive ranges were folded in by `parts` (several processes: a rank file
+        written in parts, `megatron_io.LegacyWriter.parts`), blocks that span two parts combined (`crc32_combine`).
+        Broken if any part is missing, broken, or not where the one before it ended."""
+        out = cls(-1, path)
+        for p in parts:
+            if p is None or p.broken or p.start != out.pos:
+                out.broken = True
+                return out
+            for crc, n in p.segments():
+                out.crc = crc32_combine(out.crc, crc, n) if out.pos % DIGEST_BLOCK else crc
+                out.pos += n
+                if out.pos % DIGEST_BLOCK == 0:
+                    out.done.append(out.crc.to_bytes(4, "little"))
+                    out.crc = 0
+        return out
 
     def blocks(self) -> list[bytes]:
         return self.done + ([self.crc.to_bytes(4, "little")] if self.pos % DIGEST_BLOCK else [])
+
+
+def _gf2_times(mat: list[int], vec: int) -> int:
+    out, i = 0, 0
+    while vec:
+        if vec & 1:
+            out ^= mat[i]
+        vec >>= 1
+        i += 1
+    return out
+
+
+@lru_cache(maxsize=1)
+def _zero_ops() -> list[list[int]]:
+    """zlib's crc32_combine operators: entry k appends 2**k zero bytes to a CRC-32 (k < 48)."""
+    one_bit = [0xEDB88320] + [1 << n for n in range(31)]
+    op = one_bit
+    for _ in range(3):  # 1 -> 2 -> 4 -> 8 zero bits: one zero byte
+        op = [_gf2_times(op, op[n]) for n in range(32)]
+    ops = [op]
+    for _ in range(47):
+        op = [_gf2_times(op, op[n]) for n in range(32)]
+        ops.append(op)
+    return ops
+
+
+def crc32_combine(crc1: int, crc2: int, len2: int) -> int:
+    """zlib.crc32(a + b) from crc1 = zlib.crc32(a), crc2 = zlib.crc32(b) and len(b) (zlib's crc32_combine, which
+    Python's zlib does not expose)."""
+    ops, k = _zero_ops(), 0
+    while len2:
+        if len2 & 1:
+            crc1 = _gf2_times(ops[k], crc1)
+        len2 >>= 1
+        k += 1
+    return crc1 ^ crc2
 
 
 def _block_crcs(path: Path) -> list[bytes]:

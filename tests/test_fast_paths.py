@@ -2,11 +2,12 @@
 CRC32, the parallel `compare`. Each is checked against the plain path it replaces."""
 
 import os
+import random
 
 import pytest
 import torch
 
-from stepconv import buffers, compare
+from stepconv import buffers, compare, safety
 from stepconv.convert import hf_to_mcore, mcore_to_hf
 from stepconv.hf_io import FileRows, HFCheckpoint
 from stepconv.kinds import SWIGLU, VOCAB, SplitContext
@@ -255,7 +256,6 @@ def test_gather_file_digest_is_the_whole_file_reread(tmp_path, monkeypatch):
     strided, and digested from the buffer; large pieces and `FileRows` written behind and reread; blocks smaller
     than many pieces) are exactly `file_digest`'s full reread, and the bytes are the pieces'; a byte changed
     afterwards changes the digest; ranges folded out of order leave them incomplete, and the reread decides."""
-    from stepconv import safety
     from stepconv.hf_io import GatherFile
 
     monkeypatch.setattr(safety, "DIGEST_BLOCK", 100_003)  # (a prime: boundaries fall inside pieces)
@@ -523,3 +523,44 @@ def test_strided_tensors_are_written_as_their_contiguous_bytes(tmp_path, dtype):
         finally:
             os.close(fd)
         assert (tmp_path / f"w{i}").read_bytes() == bytes(5) + want, i
+
+
+def test_crc32_combine_is_zlibs():
+    import zlib
+
+    rng = random.Random(0)
+    for n in (0, 1, 2, 63, 64, 1000, 65537, 200_003):
+        a, b = rng.randbytes(rng.randint(0, 3000)), rng.randbytes(n)
+        assert safety.crc32_combine(zlib.crc32(a), zlib.crc32(b), n) == zlib.crc32(a + b)
+
+
+def test_block_crcs_of_parts_joined_are_the_files(tmp_path, monkeypatch):
+    """A file folded in by several writers, each from where the one before ended (a rank file written in parts),
+    joins to the blocks of the whole file: blocks spanning parts, parts inside one block, empty parts. A gap, an
+    overlap or a missing part leaves the join broken (the digest then rereads the file)."""
+    monkeypatch.setattr(safety, "DIGEST_BLOCK", 1000)
+    rng = random.Random(1)
+    data = rng.randbytes(10_500)
+    path = tmp_path / "f"
+    path.write_bytes(data)
+
+    def part(a, b):
+        c = safety.BlockCrcs(-1, path, a)
+        k = a
+        while k < b:  # (folded in pieces, from memory)
+            n = min(b - k, rng.randint(1, 1500))
+            c.fold(k, n, memoryview(data)[k:k + n])
+            k += n
+        return c
+
+    for trial in range(50):
+        cuts = sorted({0, len(data), *(rng.randint(0, len(data)) for _ in range(rng.randint(0, 12)))})
+        if trial % 5 == 0:
+            cuts += [len(data)]  # (an empty last part)
+        parts = [part(a, b) for a, b in zip(cuts, cuts[1:])]
+        joined = safety.BlockCrcs.joined(parts, path)
+        assert joined.covers(len(data)) and joined.blocks() == safety._block_crcs(path), cuts
+    assert not safety.BlockCrcs.joined([part(0, 3000), part(3500, len(data))], path).covers(len(data))
+    assert not safety.BlockCrcs.joined([part(0, 3000), part(2500, len(data))], path).covers(len(data))
+    assert not safety.BlockCrcs.joined([part(0, 3000), None, part(3000, len(data))], path).covers(len(data))
+    assert not part(500, len(data)).covers(len(data))  # (a part alone does not cover the file)

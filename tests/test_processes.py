@@ -9,14 +9,16 @@ import sys
 import time
 
 import pytest
+import torch
 
 from conftest import make_fixture, tree_digest as digest
 from stepconv import processes, safety
 from stepconv.config import StepconvError
 from stepconv.convert import hf_to_mcore, mcore_to_hf
 from stepconv.engine import ByteCount
-from stepconv.hf_io import HFCheckpoint, HFWriter, SafetensorsWriter
+from stepconv.hf_io import HFCheckpoint, HFReader, HFWriter, SafetensorsWriter
 from stepconv.megatron_io import LegacyWriter
+from stepconv.publish import Journal
 from stepconv.torch_dist import TorchDistWriter
 
 pytestmark = pytest.mark.skipif(not processes.available(), reason="worker processes need fork and Linux")
@@ -39,9 +41,12 @@ def unit_pids(tmp_path, monkeypatch):
     return read
 
 
-@pytest.mark.parametrize("options", [dict(tp=2, ep=2), dict(tp=2, pp=2), dict(tp=2, format="torch_dist")],
-                         ids=["tp2-ep2", "tp2-pp2", "torch_dist"])
+@pytest.mark.parametrize("options", [dict(tp=2, ep=2), dict(tp=2, pp=2), dict(tp=4), dict(tp=2, pp=2, vpp=2),
+                                     dict(tp=2, ep=2, etp=1), dict(tp=2, format="torch_dist")],
+                         ids=["tp2-ep2", "tp2-pp2", "tp4", "tp2-pp2-vpp2", "tp2-ep2-etp1", "torch_dist"])
 def test_worker_processes_write_the_bytes_threads_write(tmp_path, fixture_dir, options, unit_pids):
+    """Rank-file groups fewer than the workers run in parts (each part's records in its byte range of every file
+    of the group, laid out ahead), ended by the main process once all their parts are in."""
     progress = {}
 
     def counter(key):
@@ -56,10 +61,16 @@ def test_worker_processes_write_the_bytes_threads_write(tmp_path, fixture_dir, o
     ran_threads = unit_pids()
     b = hf_to_mcore(fixture_dir, tmp_path / "procs", jobs=3, processes=True, progress=counter("procs"), **options)
     ran_procs = unit_pids()[len(ran_threads):]
-    assert {pid for _, pid in ran_threads} == {str(os.getpid())}
-    assert str(os.getpid()) not in {pid for _, pid in ran_procs}  # every ordered unit ran in a worker process
-    assert len({pid for _, pid in ran_procs}) >= 2
-    assert sorted(n for n, _ in ran_procs) == sorted(n for n, _ in ran_threads)
+    me = str(os.getpid())
+    assert {pid for _, pid in ran_threads} == {me}
+    parts = [(n, pid) for n, pid in ran_procs if " (part " in n]
+    wholes = [(n, pid) for n, pid in ran_procs if " (part " not in n]
+    cut = {n.split(" (part ")[0] for n, _ in parts}
+    assert me not in {pid for _, pid in parts}  # every part ran in a worker process, and every unit not cut
+    assert all((pid == me) == (n in cut) for n, pid in wholes)  # (a cut unit's files are ended by the parent)
+    assert bool(cut) == (options.get("format") != "torch_dist")  # (torch_dist: a unit per layer, none cut)
+    assert len({pid for _, pid in ran_procs} - {me}) >= 2
+    assert sorted(n for n, _ in wholes) == sorted(n for n, _ in ran_threads)
 
     assert digest(tmp_path / "procs") == digest(tmp_path / "threads")  # torch_dist's index (.metadata) included
     source = sum(t.nbytes for t in HFCheckpoint(fixture_dir).tensors.values())
@@ -67,7 +78,7 @@ def test_worker_processes_write_the_bytes_threads_write(tmp_path, fixture_dir, o
     assert (b.bytes_read, b.bytes_written, b.tensors, b.files) == (a.bytes_read, a.bytes_written, a.tensors, a.files)
     assert b.bytes_read > 0
     assert any(n.startswith("3 worker process(es)") for n in b.notes), b.notes
-    assert any(n.startswith("3 worker thread(s)") for n in a.notes), a.notes
+    assert any(" worker thread(s)" in n for n in a.notes), a.notes  # (threads: at most one a unit)
 
 
 @pytest.fixture(scope="module")
@@ -133,15 +144,49 @@ def test_export_of_large_entries_stays_in_threads(tmp_path, mcore_sources, monke
     assert "2 worker thread(s)" in s.notes
 
 
-def test_rank_file_digests_come_back_from_the_workers(tmp_path, fixture_dir, monkeypatch):
+def test_rank_file_groups_of_large_tensors_are_not_cut(tmp_path, fixture_dir, monkeypatch, unit_pids):
+    """Tensors averaging PARTED_BELOW or more (the real widths) keep a rank-file group whole, in one worker."""
+    import stepconv.convert as convert
+
+    monkeypatch.setattr(convert, "PARTED_BELOW", 1)
+    hf_to_mcore(fixture_dir, tmp_path / "o", tp=2, jobs=3, processes=True)
+    ran = unit_pids()
+    assert ran and not any(" (part " in n for n, _ in ran)
+    assert str(os.getpid()) not in {pid for _, pid in ran}
+
+
+@pytest.mark.parametrize("options", [dict(tp=2, ep=2, jobs=2), dict(tp=2, jobs=3)], ids=["units", "parts"])
+def test_rank_file_digests_come_back_from_the_workers(tmp_path, fixture_dir, monkeypatch, options):
     """The resume journal digests each rank file from the CRCs its writer folded in while writing, in whichever
-    process that ran: rereading the file instead (what a lost or broken `BlockCrcs` would cause) fails here."""
+    process that ran, a file written in parts from its parts' CRCs joined: rereading the file instead (what a lost
+    or broken `BlockCrcs` would cause) fails here. The digests are those of the files rereread."""
     def reread(path):
         raise AssertionError(f"{path} was reread for its digest")
+    journal = {}
     monkeypatch.setattr(safety, "_block_crcs", reread)
-    hf_to_mcore(fixture_dir, tmp_path / "o", tp=2, ep=2, jobs=2, processes=True)
+    monkeypatch.setattr(Journal, "remove", lambda self: journal.update(self.done))
+    hf_to_mcore(fixture_dir, tmp_path / "o", processes=True, **options)
     with pytest.raises(AssertionError, match="reread"):  # (the check itself: a file digested without its CRCs)
         safety.file_digest(next((tmp_path / "o").rglob("model_optim_rng.pt")))
+    monkeypatch.undo()
+    files = {rel: f["digest"] for u in journal.values() for rel, f in u["files"].items() if rel.endswith(".pt")}
+    assert len(files) == (4 if "ep" in options else 2)
+    for rel, d in files.items():
+        assert d == safety.file_digest(tmp_path / "o" / rel)
+
+
+def test_a_part_that_writes_other_records_than_laid_out_stops_the_run(tmp_path, fixture_dir, monkeypatch):
+    """The parts' byte ranges come from a layout of the step's meta targets; a part whose real tensors differ from
+    it (here: the layout told a wrong dtype) stops the run with an internal error, nothing published."""
+    read = HFReader.read
+
+    def wrong(self, entry):
+        srcs = read(self, entry)
+        return [s.to(torch.float16) for s in srcs] if self.meta and entry.expert is not None else srcs
+    monkeypatch.setattr(HFReader, "read", wrong)
+    with pytest.raises(StepconvError, match="wrote records other than laid out"):
+        hf_to_mcore(fixture_dir, tmp_path / "o", tp=2, jobs=3, processes=True)
+    assert not (tmp_path / "o").exists()
 
 
 def test_an_error_in_a_worker_process_is_the_units_own_one_line_error(tmp_path, fixture_dir, monkeypatch):
@@ -264,14 +309,16 @@ def test_worker_processes_die_with_their_parent(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_then_resume_with_worker_processes_is_byte_identical(tmp_path):
-    """kill -9 of a conversion running units in worker processes: its workers go too, and `--resume` completes it
-    byte for byte as an uninterrupted run."""
+@pytest.mark.parametrize("layout", [["--tp", "2", "--pp", "2", "--ep", "2", "--jobs", "2"], ["--tp", "2", "--jobs", "3"]],
+                         ids=["units", "parts"])
+def test_kill_9_then_resume_with_worker_processes_is_byte_identical(tmp_path, layout):
+    """kill -9 of a conversion running units (or a unit's parts) in worker processes: its workers go too, and
+    `--resume` completes it byte for byte as an uninterrupted run."""
     if not os.path.exists(f"/proc/{os.getpid()}/task/{os.getpid()}/children"):
         pytest.skip("no /proc/<pid>/task/<tid>/children here")
     hf = make_fixture.make_checkpoint(tmp_path / "hf", num_layers=8, hidden=1024, ffn=1024, moe_ffn=512, experts=8)
     cli = [sys.executable, "-m", "stepconv.cli", "hf-to-mcore", str(hf)]
-    opts = ["--tp", "2", "--pp", "2", "--ep", "2", "--jobs", "2", "-q"]
+    opts = [*layout, "-q"]
     ref = tmp_path / "ref"
     assert subprocess.run([*cli, "-o", ref, *opts, "--threads"], capture_output=True).returncode == 0
 
