@@ -5,14 +5,16 @@ source tensors, a `step` that turns them into target tensors (`kind.split` per T
 and a `Writer` that puts them somewhere. `execute` drives them in this order:
 
     writer.begin()
-    for each unit (ordered units run concurrently, one thread or one worker process each (`processes`);
+    for each unit (ordered units run concurrently, one thread or one worker process each (`processes`), large
+                   ones fewer than the workers in parts laid out ahead (`writer.parts`, `cut_into`);
                    unordered units one after the other, their entries on the threads or, in parts, the processes):
         reader.open(unit); writer.start(unit)
         for each entry of the unit (ordered: in plan order, sources read ahead on a second thread;
                                      unordered: in any order, on the worker threads):
             targets = step(entry, reader.read(entry)); writer.put(unit, entry, targets)
         result = writer.end(unit); reader.close(unit)
-        (a worker process: reader.handover(unit), writer.handover(unit); the parent: take_over(unit, state))
+        (a worker process: reader.handover(unit), writer.handover(unit); the parent: take_over(unit, state);
+         a unit in parts: the parts as above in the workers, then writer.end(unit) in the parent)
     writer.finish()  (not by `execute`: the caller writes its metadata last, then publishes)
 
 Implementations: legacy rank files (`megatron_io.LegacyWriter` / `LegacyReader`), HF safetensors

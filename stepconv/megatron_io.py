@@ -741,9 +741,12 @@ class LegacyWriter:
         laid = self._open[unit.name]
         for w, a, b, lw in zip(writers, first, last, laid):
             w.close_part()
-            if w.cut != b or w._signature != lw._signature[a[1]:b[1]]:
+            want = lw._signature[a[1]:b[1]]
+            if w.cut != b or w._signature != want:
+                k = next((k for k, (x, y) in enumerate(zip(w._signature, want)) if x != y), min(len(want), w.keys))
+                got = w._signature[k] if k < len(w._signature) else "nothing"
                 raise StepconvError(f"internal: {w.path}: part {i + 1} of {unit.name} wrote records other than laid "
-                                    f"out (up to {w.cut}, expected {b})")
+                                    f"out: {got} where {want[k] if k < len(want) else 'nothing'} was laid out")
         self._done_part = (unit.name, i, [w.crcs for w in writers])
         return UnitResult()
 

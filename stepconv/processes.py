@@ -1,4 +1,5 @@
-"""Ordered units run in worker processes forked after the plan: the engine's other executor.
+"""Units run in worker processes forked after the plan: the engine's other executor (hf-to-mcore's ordered units or
+parts of them, mcore-to-hf's entries in parts).
 
 Why: at small tensor sizes a conversion is Python per record (a record's split, its zip head and tail, its read),
 and the worker threads of one process share one interpreter lock. py-spy on the 16-core device put each unit thread
