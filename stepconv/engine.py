@@ -117,6 +117,13 @@ class Unit:
     ordered: bool = True
     primary: bool = True
 
+    def split(self, n: int) -> list["Unit"]:
+        """Its entries, in order, in `n` parts (fewer where they do not divide), each a unit named for its place."""
+        size = -(-len(self.entries) // max(1, n))
+        starts = range(0, len(self.entries), size)
+        return [replace(self, name=f"{self.name} (part {i + 1} of {len(starts)})", entries=self.entries[a:a + size])
+                for i, a in enumerate(starts)]
+
     def counts(self, entry: Entry) -> bool:
         """Does this unit consume `entry`'s sources for the audit (each source element exactly once overall)?"""
         return not entry.replica and entry.kind.sources > 0 and (entry.ep_rank is not None or self.primary)
@@ -378,11 +385,7 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
         a part at a time (`processes.run_units`); the unit is opened here, before the fork, so the workers inherit
         it (a legacy checkpoint's stage: mapped and checked once). A worker hands the reader's and writer's state
         back after each part (`handover(part)`: bytes read, the HF files' windows written out and their counts)."""
-        n = max(1, min(len(unit.entries), PARTS_PER_WORKER * workers))
-        size = -(-len(unit.entries) // n)
-        parts = [replace(unit, name=f"{unit.name} (entries {k + 1}-{min(k + size, len(unit.entries))} of "
-                         f"{len(unit.entries)})", entries=unit.entries[k:k + size])
-                 for k in range(0, len(unit.entries), size)]
+        parts = unit.split(min(len(unit.entries), PARTS_PER_WORKER * workers))
 
         def run_part(part: Unit, report) -> tuple[Counter, UnitResult]:
             mine: Counter = Counter()

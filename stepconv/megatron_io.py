@@ -20,7 +20,7 @@ import sys
 import threading
 import types
 from collections import OrderedDict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -170,13 +170,12 @@ class _LaidOut:
     """A rank file's records laid out, nothing written (`LegacyWriter.parts`: where each part's records start)."""
 
     __slots__ = ("zip",)
-    crcs = None
 
     def __init__(self):
         self.zip = ZipLayout()
 
     def record(self, name: str, tensor, nbytes: int) -> None:
-        self.zip.skip(name, nbytes)
+        self.zip.record(name, nbytes)
 
 
 class RankFileWriter:
@@ -624,7 +623,7 @@ class LegacyWriter:
         # start and end); unit name -> each part's files' folded CRCs, as the parts hand them over
         self._cuts: dict[str, tuple[Unit, int, list[tuple[int, int]], list[tuple[int, int]]]] = {}
         self._part_crcs: dict[str, list] = {}
-        self._done_part: tuple | None = None  # (a worker process: the part it ended, for `handover`)
+        self._part_done: list | None = None  # (a worker process: the CRCs of the part it ended, for `handover`)
 
     def units(self, entries: list[Entry]) -> list[Unit]:
         """One unit per (PP stage, EP rank): its rank folders (the TP ranks `layout.ranks()` has there)."""
@@ -674,23 +673,16 @@ class LegacyWriter:
         if unit.name == HEADS_UNIT or self.dry or n < 2 or len(unit.entries) < n or not layout_matches_torch():
             return None
         self._shard_map(unit)
-        self._open[unit.name] = [RankFileWriter(self.root / o, laid_out=True) for o in unit.outputs]
-        size = -(-len(unit.entries) // n)
-        cuts = []
-        for k, e in enumerate(unit.entries):
-            if k % size == 0:
-                cuts.append([w.cut for w in self._open[unit.name]])
-            self.put(unit, e, targets(e))
-        cuts.append([w.cut for w in self._open[unit.name]])
-        for w in self._open[unit.name]:
+        laid = self._open[unit.name] = [RankFileWriter(self.root / o, laid_out=True) for o in unit.outputs]
+        parts = unit.split(n)
+        for i, part in enumerate(parts):
+            first = [w.cut for w in laid]
+            for e in part.entries:
+                self.put(unit, e, targets(e))
+            self._cuts[part.name] = (unit, i, first, [w.cut for w in laid])
+        for w in laid:
             with named_os_errors(w.path):
                 os.close(os.open(w._tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666))
-        parts = []
-        for i in range(len(cuts) - 1):
-            es = unit.entries[i * size:(i + 1) * size]
-            part = replace(unit, name=f"{unit.name} (part {i + 1} of {len(cuts) - 1})", entries=es)
-            self._cuts[part.name] = (unit, i, cuts[i], cuts[i + 1])
-            parts.append(part)
         self._part_crcs[unit.name] = [None] * len(parts)
         return parts
 
@@ -747,18 +739,17 @@ class LegacyWriter:
                 got = w._signature[k] if k < len(w._signature) else "nothing"
                 raise StepconvError(f"internal: {w.path}: part {i + 1} of {unit.name} wrote records other than laid "
                                     f"out: {got} where {want[k] if k < len(want) else 'nothing'} was laid out")
-        self._done_part = (unit.name, i, [w.crcs for w in writers])
+        self._part_done = [w.crcs for w in writers]
         return UnitResult()
 
     def handover(self, unit: Unit | None):
-        """(engine, worker processes) A part's files' folded CRCs, for the file's digest."""
-        done, self._done_part = self._done_part, None
-        return done if unit is not None else None
+        """(engine, worker processes) A part's files' folded CRCs, for the files' digests."""
+        crcs, self._part_done = self._part_done, None
+        return crcs if unit is not None else None
 
-    def take_over(self, unit: Unit, done) -> None:
-        name, i, crcs = done
-        self._part_crcs[name][i] = crcs
-        self._cuts.pop(unit.name, None)
+    def take_over(self, part: Unit, crcs: list) -> None:
+        whole, i, _, _ = self._cuts.pop(part.name)
+        self._part_crcs[whole.name][i] = crcs
 
 
 class LegacyReader(ReadCount):

@@ -83,17 +83,6 @@ class ZipLayout:
         self.pos = start + pad + size + len(tail)
         return head, tail
 
-    def skip(self, name: str, size: int) -> None:
-        """`record(name, size)` laid out, its head and tail not built (a file laid out ahead of its parts)."""
-        ofs = self.pos
-        if size and size < U32 and ofs < U32:  # (the common case; anything else as `record` does)
-            full = (PREFIX + name).encode()
-            self._records.append((full, size, ofs))
-            start = ofs + 34 + len(full)
-            self.pos = start - start % -ALIGN + size + 16  # (start rounded up to ALIGN)
-        else:
-            self.record(name, size)
-
     def end(self) -> bytes:
         """torch's closing records (`version`, `.data/serialization_id`), the central directory and end records:
         the rest of the file, from `pos`."""
