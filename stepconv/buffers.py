@@ -21,9 +21,17 @@ from typing import Iterator, Sequence
 
 import torch
 
-MIN_POOLED = 256 << 10  # smaller buffers come from the heap, already reused by malloc
+# Smaller buffers come from malloc's heap, which reuses them; from 64 KiB up (memory.py's fixed mmap threshold) each
+# torch.empty is a fresh mapping that faults in on first touch. (Pooling only from 256 KiB left the 64-256 KiB
+# pieces of 1/8 width, e.g. an expert's fc1 shard at TP=4, to fresh mappings: with the unpooled read-ahead runs,
+# ~90% of hf-to-mcore's 0.8M page faults at 1/8, TP=4, per `perf record -e page-faults`.)
+MIN_POOLED = 64 << 10
 DEFAULT_POOL = 256 << 20
 STALE_TAKES = 64  # a size not asked for in this many takes drops its idle buffers
+# `scratch`'s own pool: reads of many sizes (read-ahead runs, up to engine.READ_AHEAD_BYTES a batch, two batches
+# read ahead and one being used) by size class. Its own, because in the shared pool a run's class, asked for once a
+# batch between hundreds of per-expert takes, went stale and was dropped: 1.6 GB of fresh buffers at 1/8, TP=4.
+SCRATCH_POOL = 128 << 20
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -32,8 +40,9 @@ class BufferPool:
     """Buffers of exact byte sizes (a conversion repeats a few dozen sizes thousands of times), at most `limit`
     bytes held in all, in use or idle; idle buffers are dropped (oldest first) to make room for a new size."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, stale: int | None = STALE_TAKES):
+        """`stale` None: idle buffers are dropped only to make room (oldest first)."""
+        self.limit, self.stale = limit, stale
         self.held = 0
         self._free: dict[int, list[torch.UntypedStorage]] = {}  # nbytes -> storages, oldest first
         self._lock = threading.Lock()
@@ -52,8 +61,9 @@ class BufferPool:
                     return torch.empty(0, dtype=torch.uint8).set_(st)
             # sizes not asked for lately (an earlier layer's shapes) give their idle buffers back, so what the pool
             # holds follows the current working set instead of filling up to the limit as the model goes on
-            for size in [z for z, t in self._used.items() if t < self._tick - STALE_TAKES and z in self._free]:
-                self._drop_idle(size)
+            if self.stale is not None:
+                for size in [z for z, t in self._used.items() if t < self._tick - self.stale and z in self._free]:
+                    self._drop_idle(size)
             if self.held + nbytes > self.limit:
                 self._evict(self.held + nbytes - self.limit)
             if self.held + nbytes > self.limit or nbytes > self.limit // 2:
@@ -93,21 +103,23 @@ class BufferPool:
 
 
 _pool: BufferPool | None = None
+_scratch: BufferPool | None = None
 
 
 @contextmanager
 def pooled(limit: int = DEFAULT_POOL) -> Iterator[BufferPool | None]:
-    """Hand out reused buffers from `empty` until exit (nested uses share the outer pool)."""
-    global _pool
+    """Hand out reused buffers from `empty` and `scratch` until exit (nested uses share the outer pools)."""
+    global _pool, _scratch
     if _pool is not None or _use_count is None:
         yield _pool
         return
-    _pool = BufferPool(limit)
+    _pool, _scratch = BufferPool(limit), BufferPool(SCRATCH_POOL, stale=None)
     try:
         yield _pool
     finally:
         _pool.clear()
-        _pool = None
+        _scratch.clear()
+        _pool = _scratch = None
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
@@ -119,6 +131,18 @@ def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         if buf is not None:
             return buf.view(dtype).view(tuple(shape))
     return torch.empty(tuple(shape), dtype=dtype)
+
+
+def scratch(nbytes: int) -> torch.Tensor:
+    """`nbytes` uninitialised bytes (a uint8 tensor) for a read of any size, such as a read-ahead batch's runs:
+    a view of a pooled buffer of `nbytes` rounded up to a size class (4 a doubling, so at most 25% over), where
+    exact sizes would each keep idle buffers of their own (peak RSS grew with depth, see hf_io.pread_tensor)."""
+    pool = _scratch
+    if nbytes < MIN_POOLED or pool is None:
+        return torch.empty(nbytes, dtype=torch.uint8)
+    step = 1 << max(nbytes.bit_length() - 3, 0)  # (a quarter of the power of two below nbytes)
+    buf = pool.take(-(-nbytes // step) * step)
+    return buf[:nbytes] if buf is not None else torch.empty(nbytes, dtype=torch.uint8)
 
 
 def contiguous(t: torch.Tensor) -> torch.Tensor:

@@ -96,18 +96,19 @@ SMALL_READ = 64 << 10  # reads below this go into a bytearray (heap memory: belo
 def pread_tensor(fd: int, offset: int, nbytes: int, dtype: torch.dtype, what: str,
                  shape: Sequence[int] | None = None, pooled: bool = True) -> torch.Tensor:
     """`nbytes` at `offset` into a new tensor of `dtype`, 1-D or of `shape`. From SMALL_READ bytes up into a reused
-    buffer (`buffers.empty`: uninitialised, no zero-fill, no fresh pages); below it, or not `pooled`, into a
-    bytearray, whose zero-fill costs less than torch's calls here: 5 vs 17 us for a 2.5 KB expert (torch.empty,
-    .numpy(), two views; 2-core machine), which hf-to-mcore does ~12k times per rank file at 1/64 width. (Reads of
-    many sizes, such as `HFReader.read_batch`'s runs cut where the read-ahead batches end, are not `pooled`: the
-    pool keeps each size's idle buffers for a while, and peak RSS grew with depth, 257 -> 309 MB from 4 to 16
-    layers in tests/test_streaming.py.)"""
-    if 0 < nbytes and (nbytes < SMALL_READ or not pooled):
+    buffer (`buffers.empty`: uninitialised, no zero-fill, no fresh pages); below it into a bytearray, whose zero-fill
+    costs less than torch's calls here: 5 vs 17 us for a 2.5 KB expert (torch.empty, .numpy(), two views; 2-core
+    machine), which hf-to-mcore does ~12k times per rank file at 1/64 width. Reads of many sizes, such as
+    `HFReader.read_batch`'s runs cut where the read-ahead batches end, are not `pooled` by exact size (the pool kept
+    each size's idle buffers for a while, and peak RSS grew with depth, 257 -> 309 MB from 4 to 16 layers in
+    tests/test_streaming.py) but by size class (`buffers.scratch`). (They were bytearrays, zero-filled in fresh
+    mappings: 60% of hf-to-mcore's page faults at 1/8, TP=4, per `perf record -e page-faults`.)"""
+    if 0 < nbytes < SMALL_READ:
         raw = bytearray(nbytes)
         pread_into(fd, memoryview(raw), offset, what)
         t = torch.frombuffer(raw, dtype=dtype)
     else:
-        buf = buffers.empty((nbytes,), torch.uint8)
+        buf = buffers.empty((nbytes,), torch.uint8) if pooled else buffers.scratch(nbytes)
         pread_into(fd, memoryview(buf.numpy()), offset, what)
         t = buf.view(dtype)
     return t if shape is None else t.view(shape)

@@ -31,6 +31,29 @@ def test_pool_reuses_a_buffer_only_when_nothing_refers_to_it():
     assert buffers.empty((1 << 20,), torch.uint8).data_ptr() not in (ptr, b.data_ptr())  # no pool outside
 
 
+def test_scratch_reuses_buffers_by_size_class_and_stays_bounded():
+    """Reads of many sizes (`buffers.scratch`) share a buffer per size class (at most 25% over the size asked), in
+    their own pool, which a size asked for once between many other takes does not lose, and which holds at most
+    SCRATCH_POOL bytes however many sizes come."""
+    with buffers.pooled(64 << 20):
+        a = buffers.scratch(5_000_000)
+        ptr = a.data_ptr()
+        del a
+        for _ in range(2 * buffers.STALE_TAKES):  # (the shared pool would drop a size this long unasked)
+            buffers.empty((300_000,), torch.uint8)
+        b = buffers.scratch(4_500_000)  # same class as 5 MB: the same buffer, viewed to the size asked
+        assert b.data_ptr() == ptr and b.numel() == 4_500_000
+        c = buffers.scratch(5_000_000)  # b is alive: another
+        assert c.data_ptr() != ptr
+        del b, c
+        for n in range(1 << 20, 40 << 20, 777_777):
+            t = buffers.scratch(n)
+            assert t.numel() == n and n <= t.untyped_storage().nbytes() <= 1.25 * n
+            assert buffers._scratch.held <= buffers.SCRATCH_POOL
+        assert buffers.scratch(1000).numel() == 1000  # (below MIN_POOLED: not pooled)
+    assert buffers._scratch is None
+
+
 def _file_rows(path, t: torch.Tensor) -> FileRows:
     path.write_bytes(b"xyz" + t.reshape(-1).view(torch.uint8).numpy().tobytes())
     fd = os.open(path, os.O_RDONLY)
