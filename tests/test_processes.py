@@ -41,12 +41,18 @@ def unit_pids(tmp_path, monkeypatch):
     return read
 
 
-@pytest.mark.parametrize("options", [dict(tp=2, ep=2), dict(tp=2, pp=2), dict(tp=4), dict(tp=2, pp=2, vpp=2),
-                                     dict(tp=2, ep=2, etp=1), dict(tp=2, format="torch_dist")],
-                         ids=["tp2-ep2", "tp2-pp2", "tp4", "tp2-pp2-vpp2", "tp2-ep2-etp1", "torch_dist"])
-def test_worker_processes_write_the_bytes_threads_write(tmp_path, fixture_dir, options, unit_pids):
-    """Rank-file groups fewer than the workers run in parts (each part's records in its byte range of every file
-    of the group, laid out ahead), ended by the main process once all their parts are in."""
+ONE, LAST = {"stage 0 ep 0"}, {"stage 1 ep 0"}
+
+
+@pytest.mark.parametrize("options, cut_units", [
+    (dict(tp=2, ep=2), set()), (dict(tp=2, pp=2), LAST), (dict(tp=4), ONE), (dict(tp=2, pp=2, vpp=2), LAST),
+    (dict(tp=2, etp=1), ONE), (dict(tp=1), ONE), (dict(tp=2, format="torch_dist"), set())],
+    ids=["tp2-ep2", "tp2-pp2", "tp4", "tp2-pp2-vpp2", "tp2-etp1", "tp1", "torch_dist"])
+def test_worker_processes_write_the_bytes_threads_write(tmp_path, fixture_dir, options, cut_units, unit_pids):
+    """A lone large rank-file group runs in parts (each part's records in its byte range of every file of the
+    group, laid out ahead), ended by the main process once all its parts are in; two large groups (EP=2) run whole,
+    and so do torch_dist's units (a layer each). (At PP=2 the tiny fixture's stage 0 holds under 2 x
+    MIN_PART_ENTRIES entries: stage 1 is the lone large group.)"""
     progress = {}
 
     def counter(key):
@@ -68,7 +74,7 @@ def test_worker_processes_write_the_bytes_threads_write(tmp_path, fixture_dir, o
     cut = {n.split(" (part ")[0] for n, _ in parts}
     assert me not in {pid for _, pid in parts}  # every part ran in a worker process, and every unit not cut
     assert all((pid == me) == (n in cut) for n, pid in wholes)  # (a cut unit's files are ended by the parent)
-    assert bool(cut) == (options.get("format") != "torch_dist")  # (torch_dist: a unit per layer, none cut)
+    assert cut == cut_units
     assert len({pid for _, pid in ran_procs} - {me}) >= 2
     assert sorted(n for n, _ in wholes) == sorted(n for n, _ in ran_threads)
 
@@ -142,6 +148,27 @@ def test_export_of_large_entries_stays_in_threads(tmp_path, mcore_sources, monke
     monkeypatch.setattr(convert, "PARTED_BELOW", 1)
     s = mcore_to_hf(mcore_sources / "torch", tmp_path / "o", jobs=2, processes=True)
     assert "2 worker thread(s)" in s.notes
+
+
+def test_only_a_lone_large_group_is_cut_in_parts():
+    """`cut_into`: a lone large ordered unit (small ones beside it) is cut, 2 parts per PART_WRITERS, fewer where it
+    has fewer than MIN_PART_ENTRIES entries a part; two large units, one worker or none large: none cut.
+    `most_at_once` counts PART_WRITERS for the cut one."""
+    from stepconv.engine import MIN_PART_ENTRIES, PART_WRITERS, Unit, cut_into, most_at_once
+    from stepconv.kinds import REPLICATE, SplitContext
+    from stepconv.mapping import Entry
+
+    def unit(name, n, ordered=True):
+        return Unit(name, [Entry((f"t{i}",), f"k{i}", REPLICATE, 0, SplitContext(1)) for i in range(n)],
+                    ordered=ordered)
+    big, small, heads = unit("big", 100 * MIN_PART_ENTRIES), unit("small", 2 * MIN_PART_ENTRIES - 1), unit("h", 1)
+    assert cut_into([big, small, heads], 16) == 2 * PART_WRITERS
+    assert most_at_once([big, small, heads]) == PART_WRITERS + 2
+    assert cut_into([unit("few", 3 * MIN_PART_ENTRIES), heads], 16) == 3
+    assert cut_into([big, unit("big 2", 2 * MIN_PART_ENTRIES), heads], 16) == 0
+    assert most_at_once([big, unit("big 2", 2 * MIN_PART_ENTRIES), heads]) == 3
+    assert cut_into([big, heads], 1) == 0
+    assert cut_into([small, heads, unit("export", 10 ** 4, ordered=False)], 16) == 0
 
 
 def test_rank_file_groups_of_large_tensors_are_not_cut(tmp_path, fixture_dir, monkeypatch, unit_pids):
