@@ -28,10 +28,10 @@ import torch
 MIN_POOLED = 64 << 10
 DEFAULT_POOL = 256 << 20
 STALE_TAKES = 64  # a size not asked for in this many takes drops its idle buffers
-# `scratch`'s own pool: reads of many sizes (read-ahead runs, up to engine.READ_AHEAD_BYTES a batch, two batches
-# read ahead and one being used) by size class. Its own, because in the shared pool a run's class, asked for once a
-# batch between hundreds of per-expert takes, went stale and was dropped: 1.6 GB of fresh buffers at 1/8, TP=4.
-SCRATCH_POOL = 128 << 20
+# `scratch`'s own pool holds at most this much (`pooled(scratch=...)`): reads of many sizes, by size class. Its own,
+# because in the shared pool a read-ahead run's class, asked for once a batch between hundreds of per-expert takes,
+# went stale and was dropped: 1.6 GB of fresh buffers at 1/8, TP=4.
+SCRATCH_POOL = 64 << 20
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
@@ -107,13 +107,14 @@ _scratch: BufferPool | None = None
 
 
 @contextmanager
-def pooled(limit: int = DEFAULT_POOL) -> Iterator[BufferPool | None]:
-    """Hand out reused buffers from `empty` and `scratch` until exit (nested uses share the outer pools)."""
+def pooled(limit: int = DEFAULT_POOL, scratch: int = SCRATCH_POOL) -> Iterator[BufferPool | None]:
+    """Hand out reused buffers from `empty` (at most `limit` bytes held) and `scratch` (at most `scratch`) until exit
+    (nested uses share the outer pools)."""
     global _pool, _scratch
     if _pool is not None or _use_count is None:
         yield _pool
         return
-    _pool, _scratch = BufferPool(limit), BufferPool(SCRATCH_POOL, stale=None)
+    _pool, _scratch = BufferPool(limit), BufferPool(scratch, stale=None)
     try:
         yield _pool
     finally:

@@ -45,6 +45,9 @@ Step = Callable[[Entry, list], Sequence]
 Measure = Callable[[Entry, list, Sequence], int]  # (entry, sources, targets) -> bytes of progress
 
 READ_AHEAD_BYTES = 32 << 20  # sources read per batch on the reader thread
+# Memory two read-ahead batches take (`buffers.scratch` rounds each run up to a size class, at most 25%): what the
+# worker plan counts for them, and what the scratch pool may hold.
+READ_AHEAD_HELD = 2 * READ_AHEAD_BYTES * 5 // 4
 PARTS_PER_WORKER = 8  # an unordered unit in processes: parts handed out one at a time, so uneven parts even out
 MIN_PART_ENTRIES = 32  # a part of an ordered unit (`cut_into`): each part's files cost a few syscalls to set up
 # Parts of one ordered unit running at once: each writes every file of its unit, and several writers of one file
@@ -272,7 +275,8 @@ def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *
             measure: Measure | None = None, processes: bool = False,
             meta: Reader | None = None) -> tuple[Counter, list[UnitResult]]:
     """Run `units` through reader -> step -> writer (call order in the module docstring), with one intra-op
-    thread and reused buffers (`buffers.pooled`, at most max(256 MiB, 2 x `largest_bytes`) held).
+    thread and reused buffers (`buffers.pooled`, at most max(256 MiB, 2 x `largest_bytes`) held, and READ_AHEAD_HELD
+    for read-ahead runs).
 
     `progress` gets each entry's bytes: `measure(entry, sources, targets)`, by default the sources' bytes of the
     entries the audit counts (each source byte once, so the total is the source's size).
@@ -283,7 +287,8 @@ def execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, *
     files out ahead (`writer.parts(unit, n, targets)`, the targets being `step` on meta sources): the parts run in
     the workers, and the parent ends the unit (`writer.end(unit)`) once all its parts are in.
     Returns the source elements consumed per HF name (for the audit) and each unit's result."""
-    with one_intra_op_thread(), buffers.pooled(max(buffers.DEFAULT_POOL, 2 * largest_bytes)), gc_paused():
+    pools = buffers.pooled(max(buffers.DEFAULT_POOL, 2 * largest_bytes), READ_AHEAD_HELD)
+    with one_intra_op_thread(), pools, gc_paused():
         return _execute(units, reader, writer, step, workers=workers, progress=progress, unit_done=unit_done,
                         measure=measure, processes=processes, meta=meta)
 
@@ -537,7 +542,7 @@ def plan_workers(units: Sequence[Unit], entry_bytes: Callable[[Entry], int], *, 
             n = entry_bytes(e)
             if n > best:
                 best, name = n, " + ".join(e.hf) + (f" (expert {e.expert})" if e.expert is not None else "")
-    extra = 2 * READ_AHEAD_BYTES if read_ahead else 0
+    extra = READ_AHEAD_HELD if read_ahead else 0
     writes = max((write_bytes(u) for u in units), default=0) if write_bytes is not None else 0
     budget = budget if budget is not None else default_max_memory()
     one = WorkerPlan(1, best, name, factor, extra, write_bytes=writes)

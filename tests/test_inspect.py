@@ -51,7 +51,7 @@ def test_real_config_tp8_ep8_plan(real_tp8_ep8):
     # peak: the largest entry is the embedding's 8 padded shards together (they outweigh its unpadded source)
     pm = r.peak_memory
     assert pm.largest_name == "model.embed_tokens.weight" and pm.largest_bytes == 129024 * 4096 * 2
-    assert (pm.factor, pm.extra_bytes) == (3, 2 * (32 << 20))
+    assert (pm.factor, pm.extra_bytes) == (3, 80 << 20)  # (two 32 MiB read-ahead batches, size classes 25% over)
     # each of a unit's 8 rank files may hold 64 MiB written behind and 16 gather buffers of 1 MiB
     assert pm.write_bytes == 8 * (64 + 16) << 20
     assert pm.estimate_bytes == pm.workers * (3 * pm.largest_bytes + pm.extra_bytes + pm.write_bytes) + pm.fixed_bytes
