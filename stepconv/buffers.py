@@ -15,6 +15,7 @@ Active only inside `pooled()` (the engine's `execute`); elsewhere `empty` is `to
 from __future__ import annotations
 
 import math
+import os
 import threading
 from contextlib import contextmanager
 from typing import Iterator, Sequence
@@ -121,6 +122,18 @@ def pooled(limit: int = DEFAULT_POOL, scratch: int = SCRATCH_POOL) -> Iterator[B
         _pool.clear()
         _scratch.clear()
         _pool = _scratch = None
+
+
+def _after_fork_in_child() -> None:
+    """A forked worker (processes.py) keeps the parent's pools, with fresh locks: a thread of the parent may have
+    held one at the fork, and the child's copy of that lock would stay held forever."""
+    for pool in (_pool, _scratch):
+        if pool is not None:
+            pool._lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def empty(shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:

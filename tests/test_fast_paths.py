@@ -54,6 +54,23 @@ def test_scratch_reuses_buffers_by_size_class_and_stays_bounded():
     assert buffers._scratch is None
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_child_takes_buffers_though_a_parent_thread_held_the_pool_lock():
+    """A pool lock held at the fork (by another thread of the parent) is not held in the child."""
+    import signal
+
+    with buffers.pooled():
+        for lock in (buffers._pool._lock, buffers._scratch._lock):
+            with lock:
+                pid = os.fork()
+                if pid == 0:  # (the child: a held lock would block here until the alarm kills it)
+                    signal.alarm(10)
+                    ok = buffers.empty((1 << 20,), torch.uint8).numel() + buffers.scratch(1 << 20).numel()
+                    os._exit(0 if ok == 2 << 20 else 1)
+                _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0
+
+
 def _file_rows(path, t: torch.Tensor) -> FileRows:
     path.write_bytes(b"xyz" + t.reshape(-1).view(torch.uint8).numpy().tobytes())
     fd = os.open(path, os.O_RDONLY)
