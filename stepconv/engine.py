@@ -5,8 +5,8 @@ source tensors, a `step` that turns them into target tensors (`kind.split` per T
 and a `Writer` that puts them somewhere. `execute` drives them in this order:
 
     writer.begin()
-    for each unit (ordered units run concurrently, one thread or one worker process each (`processes`), large
-                   a lone large one in parts laid out ahead (`writer.parts`, `cut_into`);
+    for each unit (ordered units run concurrently, one thread or one worker process each (`processes`), a lone
+                   large one in parts laid out ahead (`writer.parts`, `cut_into`);
                    unordered units one after the other, their entries on the threads or, in parts, the processes):
         reader.open(unit); writer.start(unit)
         for each entry of the unit (ordered: in plan order, sources read ahead on a second thread;
@@ -307,23 +307,27 @@ def ordered_in_processes(units: Sequence[Unit], workers: int, processes: bool, c
             and (sum(u.ordered for u in units) > 1 or (cuttable and cut_into(units, workers) > 1)))
 
 
+def lone_large(units: Sequence[Unit]) -> Unit | None:
+    """The one ordered unit of at least 2 x MIN_PART_ENTRIES entries, if there is exactly one (what `cut_into` cuts)."""
+    big = [u for u in units if u.ordered and len(u.entries) >= 2 * MIN_PART_ENTRIES]
+    return big[0] if len(big) == 1 else None
+
+
 def cut_into(units: Sequence[Unit], workers: int) -> int:
     """Parts to cut a lone large ordered unit into (at least MIN_PART_ENTRIES entries each), with two or more
     workers: 2 per PART_WRITERS (uneven parts even out); 0: none cut. (TP=2 or TP=4 at PP=1, EP=1 is one rank-file
     group: one process wrote every record of it, which bounded the conversion at small record sizes. Two groups
     already run at once: cutting TP=2 x EP=2's two in parts was slower, 16-core device, 1/8, ABBA: 6.37 / 6.54 s
     whole vs 7.34 / 6.90 s in parts, 17.5-18.2 vs 20.3-21.2 CPU-s.)"""
-    big = [u for u in units if u.ordered and len(u.entries) >= 2 * MIN_PART_ENTRIES]
-    if len(big) != 1 or workers < 2:
+    big = lone_large(units)
+    if big is None or workers < 2:
         return 0
-    return min(2 * PART_WRITERS, len(big[0].entries) // MIN_PART_ENTRIES)
+    return min(2 * PART_WRITERS, len(big.entries) // MIN_PART_ENTRIES)
 
 
 def most_at_once(units: Sequence[Unit]) -> int:
     """Ordered units (and parts of a lone large one, PART_WRITERS of them) that can run at once, where it is cut."""
-    ordered = [u for u in units if u.ordered]
-    big = sum(len(u.entries) >= 2 * MIN_PART_ENTRIES for u in ordered)
-    return len(ordered) + (PART_WRITERS - 1 if big == 1 else 0)
+    return sum(u.ordered for u in units) + (PART_WRITERS - 1 if lone_large(units) is not None else 0)
 
 
 def parted(unit: Unit, workers: int, processes: bool) -> bool:
@@ -437,9 +441,7 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
         return mine
 
     def in_parts(in_order: list[Unit]) -> Iterator[tuple[Counter, UnitResult]]:
-        """The ordered units in worker processes, the large ones in parts (`execute`'s `meta`)."""
-        n = cut_into(in_order, workers)
-        items, whole = [], {}
+        """The ordered units in worker processes, the lone large one in parts (`execute`'s `meta`)."""
         known: dict[tuple, Sequence] = {}
 
         def targets(e: Entry) -> Sequence:
@@ -451,30 +453,27 @@ def _execute(units: Sequence[Unit], reader: Reader, writer: Writer, step: Step, 
                 t = known[key] = step(e, meta.read(e))
             return t
 
-        cut = []
-        for u in in_order:
-            parts = writer.parts(u, n, targets) if n and len(u.entries) >= 2 * MIN_PART_ENTRIES else None
-            cut.append(parts or [u])
-            whole.update((p.name, u) for p in parts or ())
-        for k in range(max(map(len, cut), default=0)):  # (round robin: about PART_WRITERS of a unit's parts at once)
-            items += [c[k] for c in cut if k < len(c)]
-        left = Counter(u.name for u in whole.values())
-        got: dict[str, Counter] = {}
+        big, n = lone_large(in_order), cut_into(in_order, workers)
+        parts = (writer.parts(big, n, targets) if n else None) or []
+        # its first part where the unit was, the others after every unit: about PART_WRITERS of its parts at once
+        items = [parts[0] if u is big and parts else u for u in in_order] + parts[1:]
+        cut = {p.name for p in parts}
+        left = set(cut)
+        got: Counter = Counter()
         ended: list[tuple[Counter, UnitResult]] = []
 
         def item_done(item: Unit, c: Counter, res: UnitResult) -> None:
-            u = whole.get(item.name)
-            if u is None:
+            if item.name not in cut:
                 return done(item, c, res)
-            got.setdefault(u.name, Counter()).update(c)
-            left[u.name] -= 1
-            if not left[u.name]:  # (the last part is in: the unit's files are ended here)
-                res = end(u)
-                ended.append((got[u.name], res))
-                done(u, got[u.name], res)
+            got.update(c)
+            left.discard(item.name)
+            if not left:  # (the last part is in: the unit's files are ended here)
+                res = end(big)
+                ended.append((got, res))
+                done(big, got, res)
 
         ran = forked.run_units(items, workers, run, reader=reader, writer=writer, report=report, done=item_done)
-        yield from (r for item, r in zip(items, ran) if item.name not in whole)
+        yield from (r for item, r in zip(items, ran) if item.name not in cut)
         yield from ended
 
     writer.begin()

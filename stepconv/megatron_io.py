@@ -707,7 +707,7 @@ class LegacyWriter:
         want: dict[str, list[str]] = {m: [] for m in self.layout.model_keys()}
         for e in unit.entries:
             want[self.layout.model_key(e.chunk)].append(e.key)
-        parts = self._part_crcs.pop(unit.name, None)  # (a unit written in parts: each file's parts' CRCs)
+        part_crcs = self._part_crcs.pop(unit.name, None)  # (a unit written in parts: each file's parts' CRCs)
         for k, (out, w) in enumerate(zip(unit.outputs, writers)):
             have = {m: list(w.models.get(m, ())) for m in want}
             if have != want or set(w.models) - set(want):
@@ -715,11 +715,11 @@ class LegacyWriter:
                 raise StepconvError(f"internal audit: {w.path} is missing {names_text(missing)}")
             with self._pickle_lock:
                 pickles = self._pickles.setdefault(unit.name, {})
-            if parts is not None:
+            if part_crcs is not None:
                 w.write_on(digest=not self.dry)
             w.finish(self.args, pickles=pickles)
-            crcs = w.crcs if parts is None else BlockCrcs.joined([p[k] if p else None for p in parts] + [w.crcs],
-                                                                 w.path)
+            crcs = w.crcs if part_crcs is None else BlockCrcs.joined([p[k] if p else None for p in part_crcs]
+                                                                     + [w.crcs], w.path)
             res.files[out] = FileStat(w.path.stat().st_size, w.bytes_written, w.tensors, w.keys, crcs)
             if self.dry:
                 w.path.unlink()  # a sparse scratch file: its size was the point
